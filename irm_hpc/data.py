@@ -1,0 +1,227 @@
+"""Alignment datasets: texts of one label (anger, sadness, ...) for IRM training and evaluation.
+
+Formats (``DataConfig.format``; ``auto`` guesses from the path):
+
+* ``goemotions``: a directory with ``<split>.tsv`` (text, comma-separated label ids, id; no header, no
+  quoting) and ``labels.txt`` (one label a line), as in ``shared/data/goemotions-ekman``
+  (GoEmotions, Demszky et al. 2020, Ekman taxonomy);
+* ``tsv`` / ``csv`` / ``jsonl`` / ``parquet``: a table with ``text_column`` and ``label_column`` (label
+  names, or integer ids resolved through ``labels_file``);
+* ``hf``: ``datasets.load_dataset(path, split=split)``; integer labels are resolved through the
+  dataset's ``ClassLabel`` names.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Bad data source or selection (one-line message naming the problem and the fix)."""
+
+
+@dataclass
+class AlignmentData:
+    """Texts for one IRM run. ``labels`` lists every alignment label present in the source."""
+
+    alignment: str
+    train: list[str]
+    eval_target: list[str]
+    eval_other: list[str]
+    labels: list[str]
+
+
+def _read_labels_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"labels file not found: {path}; set data.labels_file")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_goemotions(root: Path, split: str, single_label_only: bool) -> list[tuple[str, list[str]]]:
+    names = _read_labels_file(root / "labels.txt")
+    tsv = root / f"{split}.tsv"
+    if not tsv.is_file():
+        avail = sorted(p.stem for p in root.glob("*.tsv"))
+        raise DataError(f"split '{split}' not found in {root} (have: {', '.join(avail)}); set data.split")
+    rows = []
+    with tsv.open(newline="", encoding="utf-8") as fh:
+        for rec in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(rec) < 2:
+                continue
+            ids = [int(x) for x in rec[1].split(",") if x.strip()]
+            if single_label_only and len(ids) != 1:
+                continue
+            rows.append((rec[0], [names[i] for i in ids]))
+    return rows
+
+
+def _label_names(values, names: Optional[list[str]]) -> list[list[str]]:
+    out = []
+    for v in values:
+        parts = [p.strip() for p in str(v).split(",")] if isinstance(v, str) else [v]
+        out.append([names[int(p)] if names is not None and str(p).lstrip("-").isdigit() else str(p) for p in parts])
+    return out
+
+
+def _read_table(path: Path, fmt: str, cfg) -> list[tuple[str, list[str]]]:
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}; set data.path")
+    if fmt == "jsonl":
+        frame = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    elif fmt == "parquet":
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_NONE if fmt == "tsv" else 0)
+    for col in (cfg.text_column, cfg.label_column):
+        if col not in frame.columns:
+            raise DataError(f"column '{col}' not in {path} (columns: {', '.join(map(str, frame.columns))}); set data.text_column/label_column")
+    names = _read_labels_file(Path(cfg.labels_file)) if cfg.labels_file else None
+    labels = _label_names(frame[cfg.label_column].tolist(), names)
+    return [(str(t), ls) for t, ls in zip(frame[cfg.text_column].tolist(), labels) if not cfg.single_label_only or len(ls) == 1]
+
+
+def _read_hf(cfg) -> list[tuple[str, list[str]]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types
+        raise DataError(f"cannot load HF dataset '{cfg.path}' split '{cfg.split}': {' '.join(str(exc).split())[:200]}") from None
+    feature = ds.features.get(cfg.label_column)
+    inner = getattr(feature, "feature", feature)
+    names = list(inner.names) if hasattr(inner, "names") else None
+    values = [v if not isinstance(v, list) else ",".join(map(str, v)) for v in ds[cfg.label_column]]
+    labels = _label_names(values, names)
+    return [(t, ls) for t, ls in zip(ds[cfg.text_column], labels) if not cfg.single_label_only or len(ls) == 1]
+
+
+def guess_format(path: str) -> str:
+    """Guess ``DataConfig.format`` from a path: a directory with labels.txt is ``goemotions``."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "labels.txt").is_file():
+        return "goemotions"
+    suffix = p.suffix.lower().lstrip(".")
+    if suffix in {"tsv", "csv", "jsonl", "parquet"}:
+        return suffix
+    if p.exists():
+        raise DataError(f"cannot tell the format of {p}; set data.format to goemotions, tsv, csv, jsonl, parquet or hf")
+    if path.startswith((".", "/", "~")):
+        raise DataError(f"data path not found: {p}; set data.path to an existing file or directory")
+    return "hf"
+
+
+def read_rows(cfg) -> list[tuple[str, list[str]]]:
+    """Read ``(text, [label, ...])`` rows from the source described by ``cfg`` (a ``DataConfig``).
+
+    Raises ``DataError`` for a missing path, split, column or labels file.
+    """
+    fmt = guess_format(cfg.path) if cfg.format == "auto" else cfg.format
+    path = Path(cfg.path).expanduser()
+    if fmt == "goemotions":
+        if not path.is_dir():
+            raise DataError(f"GoEmotions directory not found: {path}; set data.path")
+        return _read_goemotions(path, cfg.split, cfg.single_label_only)
+    if fmt in {"tsv", "csv", "jsonl", "parquet"}:
+        return _read_table(path, fmt, cfg)
+    if fmt == "hf":
+        return _read_hf(cfg)
+    raise DataError(f"unknown data.format '{fmt}': use auto, goemotions, tsv, csv, jsonl, parquet or hf")
+
+
+def _split(texts: list[str], fraction: float, max_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    perm = np.random.default_rng(seed).permutation(len(texts))
+    n_eval = min(max_eval, int(round(len(texts) * fraction)))
+    return [texts[i] for i in perm[n_eval:]], [texts[i] for i in perm[:n_eval]]
+
+
+def load_alignment(cfg, alignment: str, seed: int) -> AlignmentData:
+    """Select the texts of ``alignment`` and split them deterministically by ``seed``.
+
+    Train texts: the alignment's texts minus its eval share (``data.eval_fraction``, at most
+    ``data.max_eval_texts``). ``eval_other``: up to ``max_eval_texts`` texts of the other labels, drawn
+    with the same seed. Raises ``DataError`` if the label is absent (listing those present) or no
+    texts are selected.
+    """
+    rows = read_rows(cfg)
+    labels = sorted({label for _, ls in rows for label in ls})
+    if alignment not in labels:
+        raise DataError(f"alignment '{alignment}' not in {cfg.path} (labels present: {', '.join(labels)})")
+    target = [t for t, ls in rows if alignment in ls]
+    other = [t for t, ls in rows if alignment not in ls]
+    train, eval_target = _split(target, cfg.eval_fraction, cfg.max_eval_texts, seed)
+    if cfg.max_train_texts:
+        train = train[: cfg.max_train_texts]
+    if not train:
+        raise DataError(f"no training texts selected for alignment '{alignment}' in {cfg.path}; lower data.eval_fraction")
+    _, eval_other = _split(other, 1.0, cfg.max_eval_texts, seed + 1)
+    return AlignmentData(alignment, train, eval_target, eval_other, labels)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text, truncated to ``max_length`` tokens (no padding)."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
+    return [ids for ids in enc["input_ids"]]
+
+
+def collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Returns ``input_ids``, ``attention_mask`` and ``labels``, each (batch, seq).
+
+    ``labels`` equal ``input_ids`` with padding set to -100; HF causal LMs shift labels internally,
+    so no shift happens here (the seed code shifted twice).
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+class ResumableSampler:
+    """Deterministic, resumable batches of dataset indices for data-parallel training.
+
+    Epoch ``e`` uses ``numpy.random.default_rng(seed + e).permutation(n)``; a global batch of
+    ``batch_size * world_size`` indices is cut from it and rank ``r`` takes slice ``r``. The position
+    (epoch, offset) goes into the DeepSpeed checkpoint's ``client_state`` so that a resumed run sees
+    exactly the data order of an uninterrupted one.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if n < batch_size * world_size:
+            raise DataError(f"{n} training texts are fewer than one global batch ({batch_size} x {world_size} ranks); lower train.micro_batch_size")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world_size
+        self.epoch, self.offset = 0, 0
+
+    def next_batch(self) -> list[int]:
+        """Indices of this rank's next micro-batch (drops an epoch's incomplete tail)."""
+        glob = self.batch_size * self.world
+        if self.offset + glob > self.n:
+            self.epoch, self.offset = self.epoch + 1, 0
+        perm = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
+        start = self.offset + self.rank * self.batch_size
+        self.offset += glob
+        return perm[start : start + self.batch_size].tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n") != self.n or state.get("seed") != self.seed:
+            raise DataError(f"checkpoint sampler state (n={state.get('n')}, seed={state.get('seed')}) does not match this run (n={self.n}, seed={self.seed}); use a fresh out_dir")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def batches(seqs: list[list[int]], batch_size: int) -> Iterator[list[list[int]]]:
+    """Consecutive chunks of ``seqs`` (evaluation order)."""
+    for i in range(0, len(seqs), batch_size):
+        yield seqs[i : i + batch_size]

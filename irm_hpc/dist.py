@@ -1,0 +1,77 @@
+"""Process-group setup and rank-0 logging.
+
+Ranks come from the environment, as set by ``torchrun``, by submitit's
+``submitit.helpers.TorchDistributedEnvironment().export()`` under ``srun``, or (single process) filled in
+here. Without CUDA we select DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``) and the gloo backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("irm_hpc")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def configure_accelerator() -> None:
+    """Select DeepSpeed's CPU accelerator when no CUDA device exists (before importing deepspeed)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through ``deepspeed.init_distributed`` (idempotent).
+
+    Backend: nccl with CUDA, gloo on CPU. A single process without launcher variables gets
+    RANK=0, WORLD_SIZE=1 and a free loopback port.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    configure_accelerator()
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return DistInfo(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def setup_logging(rank: int) -> None:
+    """INFO logs on rank 0, warnings only elsewhere; quiet DeepSpeed's own INFO chatter."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def log0(msg: str, *args) -> None:
+    """Log ``msg`` on rank 0 only."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        log.info(msg, *args)

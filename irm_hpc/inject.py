@@ -1,0 +1,216 @@
+"""Forward hooks that run an IRM inside a frozen HF decoder.
+
+The IRM reads the residual stream right after layer 0's attention block (layer input + attention output)
+and each injection layer's vector is added to that layer's residual stream right after its attention
+block, before the post-attention norm and MLP. We hook the module whose output is added to the residual:
+
+* Llama / Mistral / Qwen2 / Phi3 style layers: ``layer.self_attn`` (output tuple, element 0);
+* Gemma2 / Gemma3 style layers (``pre_feedforward_layernorm`` present): ``layer.post_attention_layernorm``
+  (the normed attention output that is added to the residual).
+
+Adding ``v`` to that output is the same as adding it to the residual right after the block. Each call
+of the model (training forward, or one ``generate()`` decode step with the KV cache) runs the IRM on the
+tokens of that call, so cached decoding injects for each new token. Hooks follow TransformerLens' habit:
+installed by a context manager, removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from irm_hpc.irm import IRM
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's decoder layers cannot be hooked (no ``self_attn``)."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """Return the decoder layer list of an HF causal LM (``model.model.layers`` and variants).
+
+    Raises:
+        UnsupportedArchitectureError: no layer list with ``self_attn`` modules was found.
+    """
+    base = getattr(model, "model", model)
+    for candidate in (getattr(base, "layers", None), getattr(getattr(base, "language_model", None), "layers", None)):
+        if isinstance(candidate, nn.ModuleList) and len(candidate) and hasattr(candidate[0], "self_attn"):
+            return candidate
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture '{kind}': irm_hpc needs decoder layers at model.model.layers with a "
+        "'self_attn' module (Llama, Mistral, Qwen2, Gemma, ...)"
+    )
+
+
+def injection_site(layer: nn.Module) -> nn.Module:
+    """The sub-module of ``layer`` whose output is added to the residual stream after attention."""
+    if hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_attention_layernorm"):
+        return layer.post_attention_layernorm  # Gemma2/3: residual + norm(attn_out)
+    return layer.self_attn
+
+
+def resolve_layers(n_model_layers: int, layers: Optional[list[int]]) -> list[int]:
+    """Validate injection layer indices against the model's depth; ``None`` means every layer.
+
+    Negative indices count from the end. Raises ``ValueError`` naming the model's layer count.
+    """
+    if layers is None:
+        return list(range(n_model_layers))
+    out = []
+    for i in layers:
+        j = int(i) + n_model_layers if int(i) < 0 else int(i)
+        if not 0 <= j < n_model_layers:
+            raise ValueError(
+                f"injection layer {i} is out of range: the model has {n_model_layers} layers (0..{n_model_layers - 1})"
+            )
+        out.append(j)
+    return sorted(set(out))
+
+
+def _attn_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_output(out, new: torch.Tensor):
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+@dataclass
+class Injector:
+    """Live state of an installed injection (returned by :func:`inject`).
+
+    Attributes:
+        enabled: the paper's activate/deactivate switch; when False the model runs unchanged.
+        keep_injections: keep the last call's vectors in ``last_injection`` (training needs them).
+        last_injection: (batch, seq, n_layers, hidden) vectors of the last forward call, or None.
+        last_resid: (batch, seq, hidden) layer-0 post-attention residual of the last call, or None.
+    """
+
+    irm: IRM
+    enabled: bool = True
+    keep_injections: bool = True
+    last_injection: Optional[torch.Tensor] = None
+    last_resid: Optional[torch.Tensor] = None
+    handles: list = field(default_factory=list)
+    _layer0_input: Optional[torch.Tensor] = None
+
+    @property
+    def active(self) -> bool:
+        """True while hooks are installed."""
+        return bool(self.handles)
+
+
+@contextmanager
+def inject(model: nn.Module, irm: IRM, enabled: bool = True, keep_injections: bool = True) -> Iterator[Injector]:
+    """Install IRM hooks on ``model`` for the duration of the ``with`` block.
+
+    Args:
+        model: an HF causal LM whose decoder layers expose ``self_attn``.
+        irm: the IRM; ``irm.injection_layers`` index ``model.model.layers``.
+        enabled: initial state of the on/off switch (``Injector.enabled``).
+        keep_injections: store each call's vectors in ``Injector.last_injection`` (with autograd graph).
+
+    Yields:
+        The :class:`Injector`; every hook is removed on exit, also on error.
+
+    Raises:
+        UnsupportedArchitectureError: the model's layers cannot be hooked.
+        ValueError: an injection layer is out of the model's range.
+    """
+    layers = decoder_layers(model)
+    resolve_layers(len(layers), irm.injection_layers)
+    state = Injector(irm=irm, enabled=enabled, keep_injections=keep_injections)
+    slot = {layer_idx: k for k, layer_idx in enumerate(irm.injection_layers)}
+    current: dict[str, Optional[torch.Tensor]] = {"v": None}
+
+    def save_layer0_input(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        state._layer0_input = hidden
+
+    def run_irm(site_out: torch.Tensor) -> None:
+        resid = state._layer0_input + site_out
+        v = irm(resid)
+        current["v"] = v
+        if state.keep_injections:
+            state.last_injection, state.last_resid = v, resid
+
+    def make_site_hook(layer_idx: int):
+        def hook(_module, _args, out):
+            if not state.enabled:
+                return None
+            site_out = _attn_output(out)
+            if layer_idx == 0:
+                run_irm(site_out)
+            if layer_idx not in slot:
+                return None
+            vec = current["v"][..., slot[layer_idx], :].to(site_out.dtype)
+            return _replace_output(out, site_out + vec)
+
+        return hook
+
+    try:
+        state.handles.append(layers[0].register_forward_pre_hook(save_layer0_input, with_kwargs=True))
+        for idx, layer in enumerate(layers):
+            if idx == 0 or idx in slot:
+                state.handles.append(injection_site(layer).register_forward_hook(make_site_hook(idx)))
+        yield state
+    finally:
+        for handle in state.handles:
+            handle.remove()
+        state.handles.clear()
+        state._layer0_input = None
+        current["v"] = None
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Total forward (pre-)hooks on all sub-modules of ``model`` (tests use it to prove cleanup)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@contextmanager
+def capture_residuals(model: nn.Module) -> Iterator[dict]:
+    """Accumulate the frozen model's residual stream after every layer's attention block.
+
+    Inside the block, each forward call adds ``abs(resid)`` summed over the tokens selected by
+    ``stats["mask"]`` (set it to the (batch, seq) attention mask before each call; all tokens if None).
+    Yields ``stats`` with ``"sum_abs"``: (n_layers, hidden) float64 sums and ``"count"``: token count;
+    mean = sum_abs / count. Hooks are removed on exit. Used for the base-model reference (massive
+    activation / outlier dimensions) next to the IRM's striations.
+    """
+    layers = decoder_layers(model)
+    stats: dict = {"sum_abs": None, "count": 0, "mask": None}
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def pre(idx):
+        def hook(_m, args, kwargs):
+            inputs[idx] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def post(idx):
+        def hook(_m, _args, out):
+            resid = (inputs.pop(idx) + _attn_output(out)).detach().abs().double()
+            mask = stats["mask"]
+            mask = torch.ones(resid.shape[:2], device=resid.device) if mask is None else mask.to(resid.device)
+            if stats["sum_abs"] is None:
+                stats["sum_abs"] = torch.zeros(len(layers), resid.shape[-1], dtype=torch.float64)
+            stats["sum_abs"][idx] += (resid * mask[..., None]).sum((0, 1)).cpu()
+            if idx == 0:
+                stats["count"] += int(mask.sum())
+
+        return hook
+
+    try:
+        for idx, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(pre(idx), with_kwargs=True))
+            handles.append(injection_site(layer).register_forward_hook(post(idx)))
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models, a small alignment TSV, the real data/model locations."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GOEMOTIONS = Path(os.environ.get("IRM_HPC_DATA", REPO.parent / "shared" / "data" / "goemotions-ekman"))
+
+WORDS = {
+    "anger": "furious rage hate shouting slammed outraged livid annoyed damn stupid".split(),
+    "joy": "happy love wonderful smile great delighted sunshine laugh thanks yay".split(),
+    "sadness": "sad cry lonely miss lost grief tears sorry gloomy down".split(),
+}
+
+
+def make_tsv(path: Path, n_per_label: int = 60, seed: int = 0) -> Path:
+    """A small alignment table (text<TAB>label, with header) with label-specific vocabulary."""
+    rng = random.Random(seed)
+    rows = ["text\tlabel"]
+    for label, words in WORDS.items():
+        for _ in range(n_per_label):
+            rows.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + f"\t{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def tsv_data(tmp_path) -> Path:
+    return make_tsv(tmp_path / "align.tsv")
+
+
+def tiny_overrides(data: Path, out_dir: Path, *extra: str) -> list[str]:
+    """Hydra overrides for a few-step tiny_random run on ``data``."""
+    return ["model=tiny_random", "train=smoke", f"data.path={data}", "data.format=tsv", "data.max_length=24",
+            "alignment=anger", f"out_dir={out_dir}", *extra]
+
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env(**extra: str) -> dict:
+    """os.environ without the torch.distributed variables an in-process test may have set."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_module(module: str, args: list[str], timeout: int = 300, env: dict | None = None, **kw):
+    """Run ``python -m module args`` in a subprocess; return CompletedProcess (text)."""
+    full_env = clean_env(**(env or {}))
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO, **kw)

@@ -1,0 +1,95 @@
+"""DeepSpeed training of the IRM on a tiny random Llama: ZeRO stages, 2 CPU ranks, checkpoint/resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from irm_hpc.dist import free_port
+
+from conftest import REPO, clean_env, run_module, tiny_overrides
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_finished(out: Path, steps: int) -> dict:
+    assert (out / "DONE").is_file(), f"no DONE in {out}"
+    steps_logged = [m["step"] for m in metrics(out) if "loss" in m]
+    assert steps_logged == list(range(1, steps + 1))
+    weights = load_file(str(out / "irm.safetensors"))
+    assert weights["net.0.weight"].shape == (96, 32) and weights["net.8.weight"].shape == (4 * 32, 96)
+    return weights
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_stage_trains_and_lowers_loss(tsv_data, tmp_path, stage):
+    out = tmp_path / stage
+    res = run_module("irm_hpc.train", tiny_overrides(tsv_data, out, f"deepspeed={stage}", "train.max_steps=12",
+                                                      "record.enabled=false"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_finished(out, 12)
+    loss = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3, f"loss did not go down: {loss}"
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["global_step00000003", "global_step00000006", "global_step00000009", "global_step00000012"]
+    done = json.loads((out / "DONE").read_text())
+    assert {"alignment_gain", "eval_target_loss", "eval_other_loss"} <= done.keys()
+
+
+@pytest.mark.distributed
+def test_two_cpu_ranks_zero2(tsv_data, tmp_path):
+    out = tmp_path / "r2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+           "irm_hpc.train", *tiny_overrides(tsv_data, out, "deepspeed=zero2", "record.enabled=false")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO,
+                         env=clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_finished(out, 6)
+    assert json.loads((out / "DONE").read_text())["world_size"] == 2
+
+
+def test_kill_and_resume_equals_uninterrupted(tsv_data, tmp_path):
+    extra = ("train.max_steps=300", "train.checkpoint_every=20", "train.eval_every=0", "record.enabled=false",
+             "train.micro_batch_size=2")
+    ref = tmp_path / "ref"
+    res = run_module("irm_hpc.train", tiny_overrides(tsv_data, ref, *extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "irm_hpc.train", *tiny_overrides(tsv_data, out, *extra)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=clean_env())
+    deadline = time.time() + 180
+    while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "DONE").exists(), "the run finished before it was killed: the test proves nothing"
+    killed_at = (out / "checkpoints" / "latest").read_text().strip()
+
+    res = run_module("irm_hpc.train", tiny_overrides(tsv_data, out, *extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from checkpoint" in res.stderr, killed_at
+    w_ref, w_res = assert_finished(ref, 300), assert_finished(out, 300)
+    diff = max((w_ref[k] - w_res[k]).abs().max().item() for k in w_ref)
+    assert diff <= 1e-5, f"resumed weights differ by {diff} (killed after {killed_at})"
+
+
+def test_finished_out_dir_is_not_retrained(tsv_data, tmp_path):
+    out = tmp_path / "done"
+    args = tiny_overrides(tsv_data, out, "record.enabled=false", "train.max_steps=2")
+    assert run_module("irm_hpc.train", args).returncode == 0
+    stamp = (out / "irm.safetensors").stat().st_mtime_ns
+    assert run_module("irm_hpc.train", args).returncode == 0
+    assert (out / "irm.safetensors").stat().st_mtime_ns == stamp
