@@ -63,7 +63,8 @@ class DataConfig:
 class IRMConfig:
     """IRM architecture (arXiv 2407.03621): Linear(h,w) ReLU, depth x [Linear(w,w) ReLU], Linear(w,h*n)."""
 
-    layers: Optional[list[int]] = None  # injection layers; None = every layer
+    layers: Optional[list[int]] = None  # injection layers; None = every layer (or layer_set)
+    layer_set: Optional[str] = None  # all | q1..q4 | every<K> | "0,5,10" (scaled to the model's depth)
     width_multiplier: int = 3
     depth: int = 3
 
@@ -103,7 +104,7 @@ class RecordConfig:
     max_new_tokens: int = 8
     prompts: list[str] = field(default_factory=list)  # empty = the paper's seven prompts
     dtype: str = "float16"
-    compression: Optional[str] = "gzip"
+    compression: Optional[str] = "zstd"  # shuffle + Zstd-1 (hdf5plugin); "gzip" for plain HDF5 tools
     queue_size: int = 8
 
 
@@ -122,6 +123,51 @@ class TrainJobConfig:
     out_dir: str = MISSING
 
 
+@dataclass
+class ClusterConfig:
+    """Where and with what resources jobs run (submitit executor parameters, units in the names)."""
+
+    name: str = MISSING
+    executor: str = "auto"  # auto | local | debug | slurm  (auto: slurm if sbatch is on PATH, else local)
+    partition: Optional[str] = None
+    nodes: int = 1
+    tasks_per_node: int = 1  # DeepSpeed ranks per node (= GPUs per node on GPU clusters)
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: float = 8.0
+    timeout_min: int = 120
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    array_parallelism: int = 64  # max array tasks running at once (slurm_array_parallelism)
+    signal_delay_s: int = 90  # timeout signal this many seconds before the limit (requeue checkpoint)
+    max_num_timeout: int = 3  # requeues after a timeout before giving up
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load ...)
+    additional_parameters: dict = field(default_factory=dict)  # extra #SBATCH options
+    analysis_cpus: int = 2
+    analysis_mem_gb: float = 4.0
+    analysis_timeout_min: int = 60
+
+
+@dataclass
+class SweepConfig:
+    """Axes of a sweep: one training task per (alignment, seed, layer set)."""
+
+    name: str = MISSING
+    alignments: list[str] = MISSING
+    seeds: list[int] = MISSING
+    layer_sets: list[str] = field(default_factory=lambda: ["all"])  # see irm_hpc.inject.layer_set_layers
+    train_overrides: list[str] = field(default_factory=list)  # hydra overrides of every training task
+    analysis: list[str] = field(default_factory=list)  # key=value parameters of the striation analysis
+
+
+@dataclass
+class LaunchConfig:
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    runs_root: str = "runs"
+
+
 def register_configs() -> None:
     """Register the structured schemas in hydra's ConfigStore and the ``repo_root`` resolver (idempotent)."""
     if not OmegaConf.has_resolver("repo_root"):
@@ -133,6 +179,9 @@ def register_configs() -> None:
     cs.store(group="train", name="train_schema", node=TrainConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
     cs.store(group="record", name="record_schema", node=RecordConfig)
+    cs.store(name="launch_schema", node=LaunchConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+    cs.store(group="sweep", name="sweep_schema", node=SweepConfig)
 
 
 def _valid_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -147,7 +196,8 @@ def _valid_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 def _explain(exc: Exception, config_name: str, overrides: list[str]) -> str:
     msg = " ".join(str(exc).split())
-    bad = next((o.split("=")[0].lstrip("+~") for o in overrides if "=" in o and o.split("=")[0].lstrip("+~") in msg), None)
+    keys = [o.split("=")[0].lstrip("+~") for o in overrides if "=" in o]
+    bad = max((k for k in keys if k in msg), key=len, default=None)  # the most specific key named
     if bad is None:
         return f"config '{config_name}': {msg}"
     try:

@@ -72,6 +72,29 @@ def resolve_layers(n_model_layers: int, layers: Optional[list[int]]) -> list[int
     return sorted(set(out))
 
 
+def layer_set_layers(spec: str, n_model_layers: int) -> list[int]:
+    """Injection layers of a named layer set, scaled to the model's depth (the seed paper's sets).
+
+    ``all``; ``q1``..``q4``: the four contiguous quarters; ``every<K>``: layers 0, K, 2K, ...;
+    or explicit indices ``"0,5,10"``. Raises ``ValueError`` naming the valid forms.
+    """
+    spec = str(spec).strip()
+    n = n_model_layers
+    if spec == "all":
+        return list(range(n))
+    if spec in {"q1", "q2", "q3", "q4"}:
+        q = int(spec[1]) - 1
+        return list(range(q * n // 4, (q + 1) * n // 4)) or [min(q, n - 1)]
+    if spec.startswith("every") and spec[5:].isdigit() and int(spec[5:]) > 0:
+        return list(range(0, n, int(spec[5:])))
+    try:
+        return resolve_layers(n, [int(x) for x in spec.split(",") if x.strip()])
+    except ValueError as exc:
+        if "out of range" in str(exc):
+            raise
+    raise ValueError(f"unknown layer set '{spec}': use all, q1..q4, every<K> or comma-separated layer indices")
+
+
 def _attn_output(out):
     return out[0] if isinstance(out, tuple) else out
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -122,13 +123,22 @@ def _load_pretrained(cfg, dtype: torch.dtype):
 
 
 def _save_cache(model, tokenizer, cached: Path) -> None:
+    """Write the de-quantized weights as plain safetensors + config (transformers refuses
+    ``save_pretrained`` on GGUF-loaded models), atomically via a temporary directory."""
+    from safetensors.torch import save_model
+
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
     try:
-        model.save_pretrained(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        type(model.config).from_dict(config).save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, cached)
     except OSError as exc:  # a read-only or racing cache is not fatal
         log.warning("could not cache converted model in %s: %s", cached, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(cfg, device: Optional[torch.device] = None):

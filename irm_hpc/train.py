@@ -29,7 +29,7 @@ from irm_hpc import __version__
 from irm_hpc.config import ConfigError, load_config, require, to_yaml
 from irm_hpc.data import AlignmentData, DataError, ResumableSampler, batches, collate, load_alignment, tokenize
 from irm_hpc.dist import DistInfo, init_distributed, log0, setup_logging
-from irm_hpc.inject import capture_residuals, decoder_layers, inject, resolve_layers
+from irm_hpc.inject import capture_residuals, decoder_layers, inject, layer_set_layers, resolve_layers
 from irm_hpc.irm import IRM
 from irm_hpc.models import ModelLoadError, load_model
 
@@ -115,6 +115,15 @@ def deepspeed_config(cfg: DictConfig, use_bf16: bool) -> dict:
     return conf
 
 
+def injection_layers(irm_cfg, n_model_layers: int) -> list[int]:
+    """Resolve ``irm.layers`` or ``irm.layer_set`` (not both) against the model's depth."""
+    if irm_cfg.layers is not None and irm_cfg.layer_set is not None:
+        raise ConfigError("set irm.layers or irm.layer_set, not both")
+    if irm_cfg.layer_set is not None:
+        return layer_set_layers(irm_cfg.layer_set, n_model_layers)
+    return resolve_layers(n_model_layers, None if irm_cfg.layers is None else list(irm_cfg.layers))
+
+
 def git_commit() -> str:
     """The repository's HEAD commit, or "" outside a git checkout."""
     try:
@@ -158,7 +167,7 @@ class Trainer:
         self.lm, self.tokenizer = load_model(cfg.model)
         self.device = next(self.lm.parameters()).device
         n_model_layers = len(decoder_layers(self.lm))
-        self.layers = resolve_layers(n_model_layers, None if cfg.irm.layers is None else list(cfg.irm.layers))
+        self.layers = injection_layers(cfg.irm, n_model_layers)
         self.n_model_layers = n_model_layers
         self.hidden = self.lm.config.hidden_size
         self.data: AlignmentData = load_alignment(cfg.data, cfg.alignment, cfg.seed)
@@ -369,8 +378,9 @@ class Trainer:
             if step % self.cfg.record.every_steps == 0:
                 self.record_profile(step, self.engine.module.last_injection, batch["attention_mask"])
             step += 1
+            step_time = time.perf_counter() - t0
             rec = {"step": step, "loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
+                   "tokens_per_s": tokens / step_time, "step_time_s": step_time, "time": time.time()}
             if tr.eval_every and step % tr.eval_every == 0 and step < tr.max_steps:
                 rec.update(self.evaluate())
             if step % tr.log_every == 0 or "alignment_gain" in rec:

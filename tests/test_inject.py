@@ -147,3 +147,18 @@ def test_irm_shapes_follow_paper_architecture():
     linears = [m for m in irm.net if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(32, 96), (96, 96), (96, 96), (96, 96), (96, 128)]
     assert irm(torch.zeros(2, 5, 32)).shape == (2, 5, 4, 32)
+
+
+def test_paper_layer_sets_scale_to_depth():
+    from irm_hpc.inject import layer_set_layers
+
+    assert layer_set_layers("q1", 30) == list(range(0, 7))
+    assert layer_set_layers("q4", 30) == list(range(22, 30))
+    assert sorted(sum((layer_set_layers(f"q{i}", 30) for i in range(1, 5)), [])) == list(range(30))
+    assert layer_set_layers("every4", 30) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert layer_set_layers("all", 4) == [0, 1, 2, 3]
+    assert layer_set_layers("3,1", 4) == [1, 3]
+    with pytest.raises(ValueError, match="unknown layer set"):
+        layer_set_layers("half", 4)
+    with pytest.raises(ValueError, match="the model has 4 layers"):
+        layer_set_layers("1,9", 4)

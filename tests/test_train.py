@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from irm_hpc.dist import free_port
+from irm_hpc.record import open_run
 
 from conftest import REPO, clean_env, run_module, tiny_overrides
 
@@ -60,8 +61,8 @@ def test_two_cpu_ranks_zero2(tsv_data, tmp_path):
 
 
 def test_kill_and_resume_equals_uninterrupted(tsv_data, tmp_path):
-    extra = ("train.max_steps=300", "train.checkpoint_every=20", "train.eval_every=0", "record.enabled=false",
-             "train.micro_batch_size=2")
+    extra = ("train.max_steps=300", "train.checkpoint_every=20", "train.eval_every=0", "record.every_steps=5",
+             "record.probe_every_steps=0", "train.micro_batch_size=2")
     ref = tmp_path / "ref"
     res = run_module("irm_hpc.train", tiny_overrides(tsv_data, ref, *extra))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -84,6 +85,9 @@ def test_kill_and_resume_equals_uninterrupted(tsv_data, tmp_path):
     w_ref, w_res = assert_finished(ref, 300), assert_finished(out, 300)
     diff = max((w_ref[k] - w_res[k]).abs().max().item() for k in w_ref)
     assert diff <= 1e-5, f"resumed weights differ by {diff} (killed after {killed_at})"
+    with open_run(out) as run, open_run(ref) as ref_run:
+        assert run.steps.tolist() == list(range(0, 301, 5)), f"HDF5 steps after resume: {run.steps.tolist()}"
+        assert np.allclose(run.profiles_abs[:], ref_run.profiles_abs[:], atol=1e-3)
 
 
 def test_finished_out_dir_is_not_retrained(tsv_data, tmp_path):

@@ -1,0 +1,112 @@
+"""Picklable callables that submitit runs on the cluster (or locally).
+
+* :class:`TrainTask`: one IRM training run; multi-rank tasks take their ranks from
+  ``submitit.helpers.TorchDistributedEnvironment``. It is ``submitit.helpers.Checkpointable``: on the
+  timeout/preemption signal submitit calls ``checkpoint()``, which requeues the same task; the run then
+  resumes from its latest DeepSpeed checkpoint tag.
+* :class:`AnalysisMapTask` / :class:`AnalysisReduceTask`: the striation analysis map (one per run)
+  and reduce (once, after the map array).
+* :class:`LocalSweep`: without Slurm, one local job that runs the training tasks one after another
+  through submitit's LocalExecutor, then the analysis (the local executor has no dependencies).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import submitit
+
+
+def _export_dist_env() -> None:
+    """Set RANK/WORLD_SIZE/MASTER_ADDR/... from submitit's job environment when running under submitit."""
+    try:
+        submitit.JobEnvironment()
+    except RuntimeError:
+        return  # not inside a submitit job: torchrun or a plain process set (or need) nothing
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """Train one IRM: ``TrainTask(overrides, out_dir)()`` == ``python -m irm_hpc.train *overrides out_dir=...``."""
+
+    def __init__(self, overrides: list[str], out_dir: str):
+        self.overrides = list(overrides)
+        self.out_dir = str(out_dir)
+
+    def __call__(self) -> dict:
+        from irm_hpc.config import load_config
+        from irm_hpc.train import train_main
+
+        _export_dist_env()
+        cfg = load_config("train", [*self.overrides, f"out_dir={self.out_dir}"])
+        return train_main(cfg)
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """Requeue the same task; it resumes from the latest DeepSpeed checkpoint of ``out_dir``."""
+        return submitit.helpers.DelayedSubmission(TrainTask(self.overrides, self.out_dir))
+
+
+class AnalysisMapTask:
+    """Reduce one run's HDF5 stream to profiles (``irm_hpc.analysis.map_run``)."""
+
+    def __init__(self, run_dir: str, out_dir: str, params: list[str]):
+        self.run_dir, self.out_dir, self.params = str(run_dir), str(out_dir), list(params)
+
+    def __call__(self) -> Optional[str]:
+        from irm_hpc import analysis
+
+        params = analysis.parse_params(self.params)
+        try:
+            return str(analysis.map_run(self.run_dir, self.out_dir, params))
+        except analysis.AnalysisError as exc:  # a failed or empty run: the reduce reports it
+            print(f"skipped {self.run_dir}: {exc}")
+            return None
+
+
+class AnalysisReduceTask:
+    """Cross-run striation statistics, clustering, report (``irm_hpc.analysis.reduce_runs``)."""
+
+    def __init__(self, out_dir: str, params: list[str]):
+        self.out_dir, self.params = str(out_dir), list(params)
+
+    def __call__(self) -> dict:
+        from irm_hpc import analysis
+
+        return analysis.reduce_runs(self.out_dir, analysis.parse_params(self.params))
+
+
+class LocalSweep:
+    """Run a sweep's training tasks sequentially as local submitit jobs, then its analysis."""
+
+    def __init__(self, sweep_dir: str):
+        self.sweep_dir = str(sweep_dir)
+
+    def __call__(self) -> dict:
+        from irm_hpc.launch import local_executor, record_submission
+        from irm_hpc.manifest import load_manifest
+
+        manifest = load_manifest(self.sweep_dir)
+        for task in manifest.tasks:
+            if (manifest.task_dir(task) / "DONE").is_file():
+                continue
+            executor = local_executor(Path(self.sweep_dir) / "logs" / "train", timeout_min=24 * 60)
+            job = executor.submit(TrainTask(task.overrides, str(manifest.task_dir(task))))
+            record_submission(self.sweep_dir, [task.index], [job.job_id], "local")
+            try:
+                job.result()
+            except Exception as exc:  # noqa: BLE001 - one failed task must not stop the sweep
+                print(f"task {task.task_id} failed: {str(exc).splitlines()[-1] if str(exc) else exc!r}")
+        analysis_dir = Path(self.sweep_dir) / "analysis"
+        params = list(manifest_analysis_params(manifest))
+        for task in manifest.tasks:
+            AnalysisMapTask(str(manifest.task_dir(task)), str(analysis_dir), params)()
+        return AnalysisReduceTask(str(analysis_dir), params)()
+
+
+def manifest_analysis_params(manifest) -> list[str]:
+    """The sweep's ``analysis`` key=value parameters, stored in the manifest's config."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(manifest.config_yaml)
+    return list(OmegaConf.select(cfg, "sweep.analysis", default=[]) or [])

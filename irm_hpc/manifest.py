@@ -1,0 +1,133 @@
+"""The sweep manifest: ``runs/<sweep>-<timestamp>/manifest.json``.
+
+One JSON document per sweep listing every task's parameters, output directory, job ids and last
+known state. It is written atomically (temporary file + ``os.replace``) under an exclusive
+``fcntl.flock`` on ``manifest.lock``, so that concurrent resumes never interleave. Schema: see
+docs/architecture.md ("Sweep manifest").
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """Not a sweep directory, unreadable manifest, or a manifest of a newer schema (one line)."""
+
+
+@dataclass
+class Task:
+    """One training task of a sweep; ``out_dir`` is relative to the sweep directory."""
+
+    index: int
+    task_id: str
+    alignment: str
+    seed: int
+    layer_set: str
+    out_dir: str
+    overrides: list[str]
+    job_id: Optional[str] = None
+    state: str = "PLANNED"
+    submissions: list[dict] = field(default_factory=list)  # [{"job_id", "time", "reason"}]
+
+
+def expand_tasks(alignments: list[str], seeds: list[int], layer_sets: list[str], base_overrides: list[str]) -> list[Task]:
+    """Cartesian product alignments x seeds x layer sets, in that nesting order."""
+    tasks = []
+    for i, (align, seed, lset) in enumerate(itertools.product(alignments, seeds, layer_sets)):
+        task_id = f"{align}-s{seed}-{lset.replace(',', '_')}"
+        out_dir = f"runs/{task_id}"
+        overrides = [*base_overrides, f"alignment={align}", f"seed={seed}", f"irm.layer_set={lset}"]
+        tasks.append(Task(i, task_id, align, int(seed), str(lset), out_dir, overrides))
+    return tasks
+
+
+@dataclass
+class Manifest:
+    """In-memory manifest. ``path`` is the sweep directory."""
+
+    sweep_dir: Path
+    sweep: str
+    executor: str
+    created: float
+    config_yaml: str
+    tasks: list[Task]
+    train_job_ids: list[str] = field(default_factory=list)  # array job id per submission round
+    analysis_job_ids: list[str] = field(default_factory=list)
+    schema_version: int = MANIFEST_VERSION
+
+    @property
+    def file(self) -> Path:
+        return self.sweep_dir / "manifest.json"
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["sweep_dir"] = str(self.sweep_dir)
+        return data
+
+    def save(self) -> None:
+        """Write atomically (tmp + fsync + os.replace)."""
+        tmp = self.file.with_name(f".manifest.{os.getpid()}.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(self.to_json(), fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.file)
+
+    def task_dir(self, task: Task) -> Path:
+        return self.sweep_dir / task.out_dir
+
+
+def load_manifest(sweep_dir: str | Path) -> Manifest:
+    """Read ``<sweep_dir>/manifest.json``.
+
+    Raises ``ManifestError`` if the directory is not a sweep, the JSON is unreadable, the schema is
+    newer than this irm_hpc understands, or task outputs were moved away.
+    """
+    sweep_dir = Path(sweep_dir).resolve()
+    file = sweep_dir / "manifest.json"
+    if not file.is_file():
+        raise ManifestError(f"{sweep_dir} is not a sweep directory (no manifest.json); pass the directory printed by irm_hpc.launch")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read {file}: {exc}") from None
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > MANIFEST_VERSION:
+        raise ManifestError(f"{file} has manifest schema {version}; this irm_hpc reads <= {MANIFEST_VERSION}: upgrade irm_hpc")
+    tasks = [Task(**t) for t in data["tasks"]]
+    data.update(sweep_dir=sweep_dir, tasks=tasks)
+    return Manifest(**data)
+
+
+@contextmanager
+def locked(sweep_dir: str | Path, timeout_s: float = 60.0) -> Iterator[None]:
+    """Exclusive lock on ``<sweep_dir>/manifest.lock`` (``fcntl.flock``); waits up to ``timeout_s`` seconds.
+
+    Raises ``ManifestError`` if the lock is not obtained in time.
+    """
+    path = Path(sweep_dir) / "manifest.lock"
+    with open(path, "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ManifestError(f"{path} is held by another irm_hpc process; try again later") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
