@@ -124,24 +124,26 @@ def _last_json_line(path: Path) -> Optional[dict]:
     return None
 
 
-def _progress(run_dir: Path, total: int) -> tuple[int, Optional[float], Optional[float], bool]:
+def _progress(run_dir: Path, total: int) -> tuple[int, int, Optional[float], Optional[float], bool]:
     done = (run_dir / "DONE").is_file()
     last = _last_json_line(run_dir / "metrics.jsonl")
     if last is None:
-        return (total if done else 0), None, None, done
+        return (total if done else 0), total, None, None, done
     step, loss = int(last.get("step", 0)), last.get("loss")
+    total = int(last.get("max_steps", total))
     eta = None
     rate = last.get("step_time_s")
     if rate and not done:
         eta = max(0.0, (total - step) * float(rate))
-    return step, loss, eta, done
+    return step, total, loss, eta, done
 
 
-def _total_steps(manifest: Manifest, overrides: list[str]) -> int:
+def _total_steps(overrides: list[str]) -> int:
+    """Steps asked for by the task's overrides (until its metrics say), 0 if not overridden."""
     for o in reversed(overrides):
         if o.startswith("train.max_steps="):
             return int(o.split("=", 1)[1])
-    return 60
+    return 0
 
 
 def _local_state(manifest: Manifest, done: bool, step: int) -> JobInfo:
@@ -168,8 +170,7 @@ def task_rows(manifest: Manifest) -> tuple[list[TaskRow], str]:
     states, note = query_slurm([t.job_id.split("_")[0] for t in manifest.tasks if t.job_id]) if slurm else ({}, "")
     rows = []
     for t in manifest.tasks:
-        total = _total_steps(manifest, t.overrides)
-        step, loss, eta, done = _progress(manifest.task_dir(t), total)
+        step, total, loss, eta, done = _progress(manifest.task_dir(t), _total_steps(t.overrides))
         if slurm:
             info = states.get(t.job_id or "", JobInfo("UNKNOWN" if t.job_id else "NOT_SUBMITTED"))
             if note and info.state == "UNKNOWN":

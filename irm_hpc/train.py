@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +51,58 @@ KEEP_CONFIG_KEYS = ("model", "data", "irm", "train.micro_batch_size", "train.gra
 
 class TrainError(RuntimeError):
     """A training run cannot start or continue (one-line message)."""
+
+
+class PreemptionGuard:
+    """Defer submitit's timeout/preemption signal (``USR2``) to the next optimizer-step boundary.
+
+    Under submitit, ``--signal=USR2@<signal_delay_s>`` reaches every rank; submitit's handler would
+    requeue at once, mid-step. The guard records the signal instead; at the next step boundary the ranks
+    agree (all-reduce MAX), write a DeepSpeed checkpoint together, and rank 0 then runs submitit's
+    handler, which calls ``TrainTask.checkpoint()`` and ``scontrol requeue``. Outside submitit
+    (no handler installed) the guard does nothing.
+    """
+
+    def __init__(self):
+        self.pending: Optional[tuple] = None
+        self.sig = None
+        self.prev = None
+
+    def install(self) -> None:
+        try:
+            import submitit
+
+            sig = submitit.JobEnvironment._usr_sig()
+        except Exception:  # noqa: BLE001 - no submitit job environment
+            return
+        prev = signal.getsignal(sig)
+        if callable(prev):
+            self.sig, self.prev = sig, prev
+            signal.signal(sig, self._defer)
+
+    def _defer(self, signum, frame) -> None:
+        log0("caught signal %d: checkpointing at the next step boundary, then requeueing", signum)
+        self.pending = (signum, frame)
+
+    def requested(self, world_size: int) -> bool:
+        """True on every rank if any rank got the signal (collective when world_size > 1)."""
+        if self.prev is None:
+            return False
+        flag = torch.tensor([int(self.pending is not None)])
+        if world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def release(self, is_main: bool) -> None:
+        """Restore submitit's handler; if a signal is pending, let it requeue (rank 0) and stop this rank."""
+        if self.prev is None:
+            return
+        signal.signal(self.sig, self.prev)
+        if self.pending is None:
+            return
+        if is_main:
+            self.prev(*self.pending)  # submitit: checkpoint() -> scontrol requeue -> sys.exit
+        raise SystemExit(0)
 
 
 class IRMLoss(nn.Module):
@@ -191,6 +244,8 @@ class Trainer:
         )
         self.recorder = None
         self.base_eval: dict[str, float] = {}
+        self.last_loss: Optional[float] = None
+        self.guard = PreemptionGuard()
 
     # ----------------------------------------------------------------- helpers
     def _batch(self, seqs: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -344,6 +399,7 @@ class Trainer:
             log0("resuming from checkpoint step %d", step)
         self.truncate_metrics(step)
         self.open_recorder(step)
+        self.guard.install()
         try:
             if step == 0:
                 self.record_base_reference()
@@ -380,7 +436,9 @@ class Trainer:
             step += 1
             step_time = time.perf_counter() - t0
             rec = {"step": step, "loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens / step_time, "step_time_s": step_time, "time": time.time()}
+                   "tokens_per_s": tokens / step_time, "step_time_s": step_time, "time": time.time(),
+                   "max_steps": tr.max_steps}
+            self.last_loss = rec["loss"]
             if tr.eval_every and step % tr.eval_every == 0 and step < tr.max_steps:
                 rec.update(self.evaluate())
             if step % tr.log_every == 0 or "alignment_gain" in rec:
@@ -388,10 +446,16 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            if tr.checkpoint_every and step % tr.checkpoint_every == 0 and step < tr.max_steps:
+            saved = tr.checkpoint_every and step % tr.checkpoint_every == 0 and step < tr.max_steps
+            if saved:
                 self.save(step)
+            if self.guard.requested(self.dist.world_size):
+                if not saved:
+                    self.save(step)
+                self.guard.release(self.dist.is_main)
         if bar is not None:
             bar.close()
+        self.guard.release(self.dist.is_main)
 
     def _final_profile(self) -> None:
         """Profile record at ``max_steps`` on the next batch, without moving the sampler."""
@@ -405,7 +469,8 @@ class Trainer:
         self.record_profile(self.cfg.train.max_steps, self.engine.module.last_injection, batch["attention_mask"])
 
     def _finish(self, final_eval: dict) -> dict:
-        summary = {"step": self.cfg.train.max_steps, "world_size": self.dist.world_size, **final_eval}
+        summary = {"step": self.cfg.train.max_steps, "max_steps": self.cfg.train.max_steps,
+                   "loss": self.last_loss, "world_size": self.dist.world_size, **final_eval}
         self.log_metrics(summary)
         weights = self.export_weights()
         if self.dist.is_main:

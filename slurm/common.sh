@@ -55,7 +55,8 @@ need_root() {
     [[ $(id -u) -eq 0 ]] || die "must run as root (try: sudo bash $0)"
 }
 
-# Serialise up.sh / down.sh / fail-node.sh (e.g. parallel CI steps).
+# Serialise up.sh / down.sh / fail-node.sh (e.g. parallel CI steps). Every daemon
+# started while holding it must get "9>&-", or it would keep the lock forever.
 take_lock() {
     exec 9>/run/irm-slurm.lock
     flock -w 300 9 || die "another slurm/*.sh is still running (lock /run/irm-slurm.lock)"

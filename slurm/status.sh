@@ -51,7 +51,7 @@ if ctld_ok; then
     out ""
     out "sinfo:"
     ((QUIET)) || sinfo -N -o '%10N %10P %12T %5c %10m %E' 2>&1 | sed 's/^/  /'
-    bad=$(sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 !~ /^(idle|mixed|allocated|completing)$/ {print $1 "=" $2}' | sort -u | paste -sd' ' -)
+    bad=$(sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 !~ /^(idle|mixed|allocated|completing|planned|reserved)$/ {print $1 "=" $2}' | sort -u | paste -sd' ' -)
     [[ -z "$bad" ]] || problems+=("nodes not usable: $bad")
     out ""
     out "squeue:"

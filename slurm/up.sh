@@ -5,7 +5,7 @@
 #   sudo bash slurm/up.sh [--nodes N]      (or IRM_SLURM_NODES=N; default 1)
 #
 # Nodes are named n1..nN, all on 127.0.0.1 (ports 17001..), partition "debug".
-# Optional env: IRM_SLURM_CPUS_PER_NODE (default max(2, nproc/N)),
+# Optional env: IRM_SLURM_CPUS_PER_NODE (default nproc/N; at least 2),
 #               IRM_SLURM_MEM_MARGIN_MB (memory kept for the OS, default ~10%),
 #               IRM_SLURM_REQUEUE_EXIT (e.g. "75" -> RequeueExit=75),
 #               IRM_SLURM_SLURMD_TIMEOUT (s before a silent node is DOWN, default 30),
@@ -43,7 +43,7 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt_install() {
         apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-            "${PACKAGES[@]}" >>"$APT_LOG" 2>&1
+            "${PACKAGES[@]}" >>"$APT_LOG" 2>&1 9>&-
     }
     if ! apt_install; then
         say "packages: install failed, running apt-get update and retrying"
@@ -80,7 +80,7 @@ if munge_ok; then
     say "munge: munged running"
 else
     say "munge: starting munged"
-    runuser -u munge -- /usr/sbin/munged >/dev/null 2>&1 || die "munged failed to start" /var/log/munge/munged.log
+    runuser -u munge -- /usr/sbin/munged >/dev/null 2>&1 9>&- || die "munged failed to start" /var/log/munge/munged.log
     for _ in $(seq 50); do munge_ok && break; sleep 0.1; done
     munge_ok || die "munge -n | unmunge does not work" /var/log/munge/munged.log
 fi
@@ -101,7 +101,7 @@ else
     setsid /usr/sbin/mariadbd --user=mysql --datadir="$MYSQL_DATADIR" --socket="$MYSQL_SOCK" \
         --pid-file="$MYSQL_PIDFILE" --log-error="$MYSQL_LOG" \
         --innodb-lock-wait-timeout=900 --innodb-buffer-pool-size=1024M \
-        </dev/null >/dev/null 2>&1 &
+        </dev/null >/dev/null 2>&1 9>&- &
     wait_started "mariadbd (socket $MYSQL_SOCK)" mariadbd 60 "$MYSQL_LOG" mysql_ok
 fi
 
@@ -113,7 +113,7 @@ fi
 if [[ -z "$DB_PASS" ]]; then
     DB_PASS=$(head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 24)
 fi
-if mariadb --socket="$MYSQL_SOCK" -u"$DB_USER" -p"$DB_PASS" -e "USE $DB_NAME" >/dev/null 2>&1; then
+if MYSQL_PWD="$DB_PASS" mariadb --socket="$MYSQL_SOCK" -u"$DB_USER" -e "USE $DB_NAME" >/dev/null 2>&1; then
     say "mariadb: database $DB_NAME and user $DB_USER ok"
 else
     say "mariadb: creating database $DB_NAME and user $DB_USER"
@@ -157,6 +157,7 @@ HOST=$(hostname -s)
 NPROC=$(nproc)
 MEM_TOTAL_MB=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
 if [[ -n "${IRM_SLURM_MEM_MARGIN_MB:-}" ]]; then
+    [[ "$IRM_SLURM_MEM_MARGIN_MB" =~ ^[0-9]+$ ]] || die "IRM_SLURM_MEM_MARGIN_MB must be an integer"
     MARGIN=$IRM_SLURM_MEM_MARGIN_MB
 else
     MARGIN=$((MEM_TOTAL_MB / 10))
@@ -166,7 +167,8 @@ fi
 MEM_PER_NODE=$(((MEM_TOTAL_MB - MARGIN) / NODES))
 ((MEM_PER_NODE >= 256)) || die "not enough memory: ${MEM_TOTAL_MB} MB total for $NODES nodes"
 CPN="${IRM_SLURM_CPUS_PER_NODE:-$((NPROC / NODES))}"
-((CPN >= 2)) || CPN=2
+[[ "$CPN" =~ ^[0-9]+$ ]] || die "IRM_SLURM_CPUS_PER_NODE must be an integer, got '$CPN'"
+((CPN >= 2)) || CPN=2 # so that "srun -n 2" works on every node (config_overrides)
 DEF_MEM_PER_CPU=$((MEM_PER_NODE / CPN))
 
 node_lines=""
@@ -222,6 +224,7 @@ hosts_block+="$HOSTS_END"
 current_block=$(awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" '$0 == b {p = 1} p {print} $0 == e {p = 0}' /etc/hosts 2>/dev/null || true)
 if [[ "$current_block" != "$hosts_block" ]]; then
     hosts_remove_block
+    [[ ! -s /etc/hosts || -z "$(tail -c1 /etc/hosts)" ]] || echo >>/etc/hosts
     printf '%s\n' "$hosts_block" >>/etc/hosts
     say "/etc/hosts: mapped n1..n$NODES to 127.0.0.1"
 else
@@ -238,7 +241,7 @@ if dbd_ok; then
 else
     stop_slurm_daemons slurmdbd # strays without pidfile
     say "slurmdbd: starting"
-    slurmdbd >>"$DBD_LOG" 2>&1 || die "slurmdbd failed to start" "$DBD_LOG"
+    slurmdbd >>"$DBD_LOG" 2>&1 9>&- || die "slurmdbd failed to start" "$DBD_LOG"
 fi
 wait_started "slurmdbd (sacctmgr list cluster)" slurmdbd 30 "$DBD_LOG" dbd_answers
 
@@ -256,7 +259,7 @@ if daemon_pid "$CTLD_PIDFILE" slurmctld >/dev/null && ctld_ok; then
 else
     stop_slurm_daemons slurmctld
     say "slurmctld: starting"
-    slurmctld >>"$CTLD_LOG" 2>&1 || die "slurmctld failed to start" "$CTLD_LOG"
+    slurmctld >>"$CTLD_LOG" 2>&1 9>&- || die "slurmctld failed to start" "$CTLD_LOG"
     wait_started "slurmctld (scontrol ping)" slurmctld 30 "$CTLD_LOG" ctld_ok
 fi
 
@@ -265,7 +268,7 @@ started=()
 for ((k = 1; k <= NODES; k++)); do
     node="n$k"
     if daemon_pid "$(slurmd_pidfile "$node")" slurmd >/dev/null; then continue; fi
-    slurmd -N "$node" >>"$(slurmd_log "$node")" 2>&1 || die "slurmd -N $node failed to start" "$(slurmd_log "$node")"
+    slurmd -N "$node" >>"$(slurmd_log "$node")" 2>&1 9>&- || die "slurmd -N $node failed to start" "$(slurmd_log "$node")"
     started+=("$node")
 done
 if ((${#started[@]})); then
@@ -280,7 +283,7 @@ resumed=0
 deadline=$((SECONDS + 60))
 while :; do
     states=$(node_states)
-    n_ready=$(awk '$2 ~ /^(idle|mixed|allocated|completing)$/' <<<"$states" | wc -l)
+    n_ready=$(awk '$2 ~ /^(idle|mixed|allocated|completing|planned|reserved)$/' <<<"$states" | wc -l)
     ((n_ready == NODES)) && break
     for ((k = 1; k <= NODES; k++)); do
         daemon_pid "$(slurmd_pidfile "n$k")" slurmd >/dev/null ||
@@ -294,7 +297,7 @@ while :; do
         fi
     fi
     if ((SECONDS > deadline)); then
-        first_bad=$(awk '$2 !~ /^(idle|mixed|allocated|completing)$/ {print $1; exit}' <<<"$states")
+        first_bad=$(awk '$2 !~ /^(idle|mixed|allocated|completing|planned|reserved)$/ {print $1; exit}' <<<"$states")
         die "nodes not ready after 60 s: $(paste -sd' ' - <<<"$states")" "$(slurmd_log "${first_bad:-n1}")"
     fi
     sleep 0.3

@@ -36,9 +36,11 @@ FINAL_STEP = 20
 PARAMS = ["top_k_frac=0.1", "n_permutations=500", "max_heatmap_runs=4"]
 
 
-def _meta(alignment: str, seed: int, hidden: int = HIDDEN, model: str = "synthetic/tiny") -> dict:
-    return {"model_name": model, "hidden_size": hidden, "n_layers": N_LAYERS, "injection_layers": list(range(N_LAYERS)),
-            "alignment": alignment, "seed": seed, "config_yaml": "irm:\n  layer_set: all\n"}
+def _meta(alignment: str, seed: int, hidden: int = HIDDEN, model: str = "synthetic/tiny", layers=None) -> dict:
+    cfg = "irm:\n  layer_set: all\n" if layers is None else "irm:\n  layers: null\n"
+    return {"model_name": model, "hidden_size": hidden, "n_layers": N_LAYERS,
+            "injection_layers": list(range(N_LAYERS)) if layers is None else list(layers),
+            "alignment": alignment, "seed": seed, "config_yaml": cfg}
 
 
 def scale_matrix(alignment: str, seed: int, rng: np.random.Generator, *, planted: bool = True,
@@ -57,11 +59,14 @@ def scale_matrix(alignment: str, seed: int, rng: np.random.Generator, *, planted
 
 def write_run(out_dir: Path, alignment: str, seed: int, *, planted: bool = True, hidden: int = HIDDEN,
               model: str = "synthetic/tiny", finalize: bool = True, steps: tuple = (0, FINAL_STEP),
-              n_prompt: int = 24, n_gen: int = 16, n_probes: int = 5, base: bool = True) -> Path:
+              n_prompt: int = 24, n_gen: int = 16, n_probes: int = 5, base: bool = True, layers=None) -> Path:
     """A run written with RunRecorder: profiles every 5 steps up to the last of ``steps``, probes at ``steps``."""
     rng = np.random.default_rng(zlib.crc32(f"{alignment}-{seed}-{hidden}".encode()))
     final, step0 = scale_matrix(alignment, seed, rng, planted=planted, hidden=hidden)
-    rec = RunRecorder(out_dir / "record", _meta(alignment, seed, hidden, model), n_inj=N_LAYERS, hidden=hidden)
+    n_inj = N_LAYERS if layers is None else len(layers)
+    if layers is not None:
+        final, step0 = final[:n_inj], step0[:n_inj]
+    rec = RunRecorder(out_dir / "record", _meta(alignment, seed, hidden, model, layers), n_inj=n_inj, hidden=hidden)
     rec.set_prompts([f"prompt {i}" for i in range(n_probes)])
     if base:
         b = np.abs(rng.standard_normal((N_LAYERS, hidden))).astype(np.float32) * 0.5 + 0.5
@@ -76,7 +81,7 @@ def write_run(out_dir: Path, alignment: str, seed: int, *, planted: bool = True,
         scale = step0 if s == 0 else final
         for p in range(n_probes):
             n = n_prompt + n_gen
-            inj = (scale[None] * rng.standard_normal((n, N_LAYERS, hidden))).astype(np.float32)
+            inj = (scale[None] * rng.standard_normal((n, n_inj, hidden))).astype(np.float32)
             rec.add_probe(s, inj, np.arange(n), [f"t{i}" for i in range(n)], p, np.arange(n, dtype=np.int32),
                           np.arange(n) >= n_prompt)
     if finalize:
@@ -234,6 +239,18 @@ def test_record_dir_of_training_run_and_glob_inputs(tmp_path):
     assert (tmp_path / "out" / "report.md").is_file() and not (tmp_path / "out" / "figures").exists()
 
 
+def test_mixed_layer_sets(tmp_path):
+    """Runs injecting into different layers: per-run nulls differ, heatmaps share the model-layer grid."""
+    write_run(tmp_path / "full", "anger", 0, n_probes=2)
+    write_run(tmp_path / "half", "anger", 1, n_probes=2, layers=(0, 1, 2, 3, 6))
+    s = analyze([tmp_path / "full", tmp_path / "half"], tmp_path / "out", [*PARAMS, "max_heatmap_runs=2"], progress=False)
+    assert {r["name"]: r["layer_set"] for r in s["runs"]} == {"full": "all", "half": "0-3,6"}
+    assert {r["name"]: r["n_inj"] for r in s["runs"]} == {"full": 8, "half": 5}
+    assert len(s["null"]) >= 2 and "layer_set" in s["clustering"]["by_factor"] or s["clustering"]["main"] is None
+    assert {*SHARED} <= {e["index"] for e in s["consensus"]["indices"]}
+    assert (tmp_path / "out" / "figures" / "alignment_heatmaps.png").is_file()
+
+
 # ----------------------------------------------------------------------------- statistics
 def test_pvalues_uniform_on_noise():
     """Pure noise: the discrete p-values satisfy P(p <= c) ~= c at their attainable values."""
@@ -335,6 +352,10 @@ def test_cli_map_reduce_and_script(sweep, tmp_path, capsys):
     assert main(["reduce", "--out", str(out), *PARAMS, "figures=false"]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["n_runs"] == 3 and [x["name"] for x in s["skipped"]] == ["fear-s1-all"]
+    assert {e["index"] for e in s["consensus"]["indices"]} == {*SHARED, ARTIFACT}
+    assert main(["reduce", "--out", str(out), *PARAMS, "source=train", "profile=mean_abs", "figures=false"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["runs"][0]["source"] == "train_last" and s["correlation"]["profile"] == "mean_abs"
     assert {e["index"] for e in s["consensus"]["indices"]} == {*SHARED, ARTIFACT}
     assert main(["reduce", "--out", str(tmp_path / "none")]) == 2
     assert "nothing to analyse" in _err_line(capsys)

@@ -1,0 +1,40 @@
+"""Helpers for tests against the real local Slurm (slurm/up.sh)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from typing import Callable
+
+import pytest
+
+requires_slurm = pytest.mark.skipif(shutil.which("sbatch") is None or shutil.which("sinfo") is None,
+                                    reason="no Slurm on PATH: run bash slurm/up.sh")
+
+
+def sacct(job_ids: list[str]) -> dict[str, dict]:
+    """JobID -> {State, Start, End, NodeList, ExitCode} for every allocation of ``job_ids`` (array tasks expanded)."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids),
+                          "--format=JobID,State,Start,End,NodeList,ExitCode"], capture_output=True, text=True,
+                         check=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        jid, state, start, end, node, code = line.split("|")
+        rows[jid] = {"State": state.split()[0], "Start": start, "End": end, "NodeList": node, "ExitCode": code}
+    return rows
+
+
+def wait_for(pred: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 1.0) -> None:
+    """Poll ``pred`` until true; fail the test after ``timeout_s`` seconds naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def queue_empty(job_ids: list[str]) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True, text=True).stdout
+    return not out.strip()

@@ -1,0 +1,150 @@
+"""Fault tests on the real local Slurm: scancel, kill -9, timeout requeue, concurrent resumes, status.
+
+One sweep of 4 tiny tasks runs one at a time (array parallelism 1). Task 0 is cancelled and task 1's
+training process is SIGKILLed mid-training; tasks 2 and 3 run normally. Two ``--resume`` processes
+started together must submit each failed task once; resumed tasks must end with the same IRM weights as
+an uninterrupted run of the same seed and an HDF5 stream holding each recorded step once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, clean_env, run_module
+from irm_hpc import launch
+from irm_hpc.manifest import load_manifest
+from irm_hpc.record import open_run
+from irm_hpc.status import task_rows
+from slurm_utils import queue_empty, requires_slurm, sacct, wait_for
+
+pytestmark = [pytest.mark.slurm, requires_slurm]
+
+STEPS = 2000
+TRAIN = [f"train.max_steps={STEPS}", "train.checkpoint_every=50", "train.eval_every=0", "train.micro_batch_size=2",
+         "train.threads=1", "record.every_steps=50"]
+
+
+def _states(manifest) -> dict[str, str]:
+    rows, _ = task_rows(manifest)
+    return {r.task_id: r.state for r in rows}
+
+
+def _job_pid(job_id: str) -> int | None:
+    """PID of the submitit worker (the training process) of array task ``job_id`` ("A_T")."""
+    array, task = job_id.split("_")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmd and f"SLURM_ARRAY_JOB_ID={array}".encode() in env \
+                and f"SLURM_ARRAY_TASK_ID={task}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def _latest_step(run_dir: Path) -> int:
+    latest = run_dir / "checkpoints" / "latest"
+    return int(latest.read_text().strip().removeprefix("global_step")) if latest.is_file() else 0
+
+
+def _interrupt_mid_training(manifest, task, action) -> None:
+    run_dir = manifest.task_dir(task)
+    wait_for(lambda: _latest_step(run_dir) >= 50, 300, f"{task.task_id} to write a checkpoint", poll_s=0.05)
+    action(task.job_id)
+    wait_for(lambda: queue_empty([task.job_id]), 120, f"{task.task_id} to leave the queue", poll_s=0.5)
+    assert not (run_dir / "DONE").exists(), f"{task.task_id} finished before it was interrupted"
+
+
+def _kill9(job_id: str) -> None:
+    pid = _job_pid(job_id)
+    assert pid is not None, f"no training process found for {job_id}"
+    os.kill(pid, signal.SIGKILL)
+
+
+def _reference(tmp_path: Path, task) -> Path:
+    out = tmp_path / "ref" / task.task_id
+    res = run_module("irm_hpc.train", [*task.overrides, f"out_dir={out}"], timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+def test_cancel_kill_status_and_concurrent_resume(tmp_path):
+    code = launch.main(["--sweep", "smoke", "--cluster", "slurm", f"runs_root={tmp_path}", "--name", "sw",
+                        "cluster.array_parallelism=1", *TRAIN])
+    assert code == 0
+    sweep = tmp_path / "sw"
+    m = load_manifest(sweep)
+    t0, t1, t2, t3 = m.tasks
+
+    _interrupt_mid_training(m, t0, lambda jid: subprocess.run(["scancel", jid], check=True))
+    _interrupt_mid_training(m, t1, _kill9)
+    wait_for(lambda: _states(m)[t2.task_id] == "RUNNING", 120, "task 2 to run")
+    states = _states(m)  # status with mixed states: cancelled, failed, running, pending
+    assert states == {t0.task_id: "CANCELLED", t1.task_id: "FAILED", t2.task_id: "RUNNING",
+                      t3.task_id: "PENDING"}, states
+    rows, note = task_rows(m)
+    assert note == "" and 50 <= rows[0].step < STEPS and rows[2].node == "n1"
+
+    # two resumes at once: each failed task is submitted exactly once
+    procs = [subprocess.Popen([sys.executable, "-m", "irm_hpc.launch", "--resume", str(sweep)], cwd=REPO,
+                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    m = load_manifest(sweep)
+    reasons = {t.task_id: [s["reason"] for s in t.submissions] for t in m.tasks}
+    assert reasons == {t0.task_id: ["launch", "resume"], t1.task_id: ["launch", "resume"],
+                       t2.task_id: ["launch"], t3.task_id: ["launch"]}, (reasons, outs)
+    assert len(m.train_job_ids) == 2
+
+    all_ids = [*m.train_job_ids, *m.analysis_job_ids]
+    wait_for(lambda: queue_empty(all_ids), 900, "resumed tasks and the analysis", poll_s=2)
+    states = _states(m)
+    assert set(states.values()) == {"COMPLETED"}, states
+    assert (sweep / "analysis" / "summary.json").is_file()
+
+    for task in (t0, t1):
+        out = m.task_dir(task)
+        ref = _reference(tmp_path, task)
+        w, w_ref = load_file(str(out / "irm.safetensors")), load_file(str(ref / "irm.safetensors"))
+        diff = max((w[k] - w_ref[k]).abs().max().item() for k in w)
+        assert diff <= 1e-5, f"{task.task_id}: resumed weights differ from uninterrupted by {diff}"
+        with open_run(out) as run:
+            steps = run.steps.tolist()
+            assert steps == list(range(0, STEPS + 1, 50)), f"{task.task_id} HDF5 steps: {steps}"
+            assert len(set(run.probe.step.tolist())) == 2  # probes at step 0 and at the end, once each
+
+
+def test_timeout_requeues_and_completes(tmp_path):
+    code = launch.main(["--sweep", "smoke", "--cluster", "slurm", f"runs_root={tmp_path}", "--name", "to",
+                        "sweep.alignments=[anger]", "sweep.seeds=[0]", "cluster.timeout_min=2",
+                        "cluster.signal_delay_s=45", "train.max_steps=4000", "train.checkpoint_every=500",
+                        "train.eval_every=0", "train.micro_batch_size=2", "train.threads=1", "record.every_steps=100"])
+    assert code == 0
+    m = load_manifest(tmp_path / "to")
+    task = m.tasks[0]
+    wait_for(lambda: queue_empty([task.job_id]), 900, "the timed-out task to requeue and finish", poll_s=3)
+    out = m.task_dir(task)
+    assert (out / "DONE").is_file(), "task did not complete after requeue"
+    restarts = subprocess.run(["sacct", "-X", "-n", "-P", "-j", task.job_id, "--duplicates",
+                               "--format=JobID,State"], capture_output=True, text=True).stdout.split()
+    assert any("REQUEUED" in r or "PREEMPTED" in r or "TIMEOUT" in r for r in restarts) or \
+        len(restarts) > 1, f"no requeue seen in sacct: {restarts}"
+    log = "".join(p.read_text(errors="replace") for p in (tmp_path / "to" / "logs" / "train").glob("*.err"))
+    assert "checkpointing at the next step boundary" in log and "resuming from checkpoint" in log
+    with open_run(out) as run:
+        assert run.steps.tolist() == list(range(0, 4001, 100))
