@@ -6,7 +6,7 @@
 
 Data: ``--n-runs`` (28) runs of SmolLM2-135M shape (30 injection layers x hidden 576) with ``--tokens``
 (10,000) probe tokens each (half at step 0, half at the final step 60), float16, written with the
-project's ``RunRecorder`` (default compression gzip, as in training) and finalized to ``injections.h5``
+project's ``RunRecorder`` (default: the recorder's default compression, as in training) and finalized to ``injections.h5``
 under ``<data-dir>/<compression>/sweep/runs/<task_id>/`` with a ``manifest.json`` (7 alignments x 4
 seeds). Each run has planted striations (indices shared by all runs, one per alignment, one already at
 step 0) and a base reference. Written once (two processes) and reused while ``bench.json`` matches.
@@ -186,6 +186,7 @@ def measure(run_dirs: list[Path], workers: int, cache: str, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--_child", "--out", str(out), "--workers", str(workers),
            "--runs-json", json.dumps([str(d) for d in run_dirs])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     peak_tree = 0
@@ -205,6 +206,7 @@ def measure(run_dirs: list[Path], workers: int, cache: str, out: Path) -> dict:
     return {"n_runs": len(run_dirs), "workers": workers, "cache": cache, "wall_seconds": round(wall, 2),
             **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()},
             "peak_tree_rss_mb": round(peak_tree / 2**20, 1),
+            "loadavg_1min_before": round(load_before, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2),
             "peak_rss_mb": round(max(res["maxrss_self_mb"], res["maxrss_children_mb"], peak_tree / 2**20), 1)}
 
 
@@ -227,7 +229,9 @@ def main() -> int:
     ap.add_argument("--workers", default="1,2", help="map processes to try (comma list)")
     ap.add_argument("--cache", default="cold,warm", help="page-cache states (cold, warm)")
     ap.add_argument("--tokens", type=int, default=10_000)
-    ap.add_argument("--compression", default="gzip", help="RunRecorder compression of the data: gzip | lzf | none")
+    ap.add_argument("--compression", default="default",
+                    help="RunRecorder compression of the data: default (the recorder's, as in training) | gzip | "
+                         "zstd | lzf | none | ...")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -236,6 +240,10 @@ def main() -> int:
     if args._child:
         child(args)
         return 0
+    if args.compression == "default":
+        from irm_hpc import record
+
+        args.compression = getattr(record, "DEFAULT_COMPRESSION", "gzip")
     counts = [int(x) for x in args.runs.split(",")]
     sweep, data = ensure_data(Path(args.data_dir), max(args.n_runs, max(counts)), args.tokens, args.compression)
     tasks = json.loads((sweep / "manifest.json").read_text())["tasks"]
@@ -251,7 +259,8 @@ def main() -> int:
                     print(f"runs={n:3d} workers={w} {cache:4s}: wall {r['wall_seconds']:6.1f} s (map {r['map_seconds']:.1f}, "
                           f"reduce {r['reduce_seconds']:.1f}, import {r['import_seconds']:.1f}), peak RSS "
                           f"{r['peak_rss_mb']:.0f} MB (self {r['maxrss_self_mb']:.0f}, children {r['maxrss_children_mb']:.0f}, "
-                          f"tree {r['peak_tree_rss_mb']:.0f}); consensus {r['consensus']}", flush=True)
+                          f"tree {r['peak_tree_rss_mb']:.0f}); CPU {r['cpu_user_s'] + r['cpu_sys_s']:.0f} s; load "
+                          f"{r['loadavg_1min_before']:.1f}->{r['loadavg_1min_after']:.1f}; consensus {r['consensus']}", flush=True)
     finally:
         shutil.rmtree(out_root, ignore_errors=True)
     fits = {}

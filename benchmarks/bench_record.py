@@ -1,7 +1,7 @@
 """Benchmark of the HDF5 record stream (irm_hpc.record); run on demand, not in CI.
 
     python benchmarks/bench_record.py                 # all measurements
-    python benchmarks/bench_record.py --only write    # one of: write, compression, csv
+    python benchmarks/bench_record.py --only write    # one of: write, compression, csv, train
     python benchmarks/bench_record.py --dir /scratch  # file system to measure (default: benchmarks/)
 
 Measurements (each a function in MEASUREMENTS; add new ones there, e.g. training-step overhead):
@@ -20,6 +20,9 @@ Measurements (each a function in MEASUREMENTS; add new ones there, e.g. training
   ``index, layer, value``; 50 tokens, extrapolated per token) vs the HDF5 stream for each recorder
   compression setting: speed and size ratios (targets: HDF5 >= 100x faster, >= 10x smaller, with one
   setting); 3 interleaved repetitions, medians.
+
+* ``train``: SmolLM2 training-step time with the recorder on vs off (interleaved blocks of 10 steps,
+  same process; target overhead <= 3 %), and the time of one probe event.
 
 Results go to ``benchmarks/results/bench_record.json`` (merged per measurement) and a table is printed.
 Units: bytes, seconds, MB = 1e6 bytes.
@@ -248,9 +251,48 @@ def bench_csv(d: Path, n_tok: int = 50, reps: int = 3) -> dict:
     return {"csv": csv, "hdf5": cmp}
 
 
+def bench_train(d: Path, blocks: int = 3, steps_per_block: int = 10) -> dict:
+    """Training-step time (SmolLM2, CPU, ZeRO-2) with the recorder on vs off, in interleaved blocks.
+
+    One Trainer; "on" = the production path (profile every ``record.every_steps`` = 5 steps handed to
+    the background writer, zstd); "off" = ``trainer.recorder = None``. Probe events (generation on the
+    probe prompts, at step 0 and at the end) are timed separately: they are per run, not per step.
+    """
+    import statistics
+
+    from irm_hpc.config import load_config
+    from irm_hpc.dist import init_distributed
+    from irm_hpc.train import Trainer
+
+    cfg = load_config("train", [f"out_dir={d / 'train_run'}", "train.progress=false", "record.every_steps=5"])
+    trainer = Trainer(cfg, init_distributed())
+    trainer.open_recorder(0)
+    recorder = trainer.recorder
+    t0 = time.perf_counter()
+    trainer.run_probe(0)
+    recorder.checkpoint(0)
+    probe_s = time.perf_counter() - t0
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    step = 0
+    trainer.train_step(step)  # warm-up
+    for _ in range(blocks):
+        for mode in ("on", "off"):
+            trainer.recorder = recorder if mode == "on" else None
+            for _ in range(steps_per_block):
+                step += 1
+                times[mode].append(trainer.train_step(step)["step_time_s"])
+    trainer.recorder = recorder
+    recorder.close()
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    mean_on, mean_off = statistics.fmean(times["on"]), statistics.fmean(times["off"])
+    return {"median_step_s_on": on, "median_step_s_off": off, "mean_step_s_on": mean_on,
+            "mean_step_s_off": mean_off, "overhead_median": on / off - 1, "overhead_mean": mean_on / mean_off - 1,
+            "target_overhead": 0.03, "probe_event_s": probe_s, "steps_per_mode": len(times["on"]),
+            "step_s_on": times["on"], "step_s_off": times["off"]}
+
+
 MEASUREMENTS: dict[str, Callable[[Path], dict]] = {"write": bench_write, "compression": bench_compression,
-                                                   "csv": bench_csv}
-# The lead adds e.g. "step_overhead" (training-step time with/without the recorder) here.
+                                                   "csv": bench_csv, "train": bench_train}
 
 
 # ----------------------------------------------------------------------------- report
@@ -282,6 +324,11 @@ def print_tables(results: dict) -> None:
             t.add_row(r["data"], r["filter"], r.get("setting") or "", f"{r['MB_per_s']:.0f}",
                       ", ".join(f"{v:.0f}" for v in r.get("MB_per_s_runs", [])), f"{r['ratio']:.3f}")
         con.print(t)
+    if "train" in results:
+        r = results["train"]
+        con.print(f"training step (SmolLM2, CPU): median {r['median_step_s_on']:.3f} s with recording, "
+                  f"{r['median_step_s_off']:.3f} s without: overhead {100 * r['overhead_median']:+.1f} % "
+                  f"(mean {100 * r['overhead_mean']:+.1f} %; target <= 3 %); probe event {r['probe_event_s']:.1f} s")
     if "csv" in results:
         c = results["csv"]
         per_tok = f"{c['csv']['s_per_token'] * 1e3:.1f} ms, {c['csv']['bytes_per_token'] / 1e3:.0f} kB"

@@ -423,22 +423,8 @@ class Trainer:
             bar = tqdm(total=tr.max_steps, initial=step, desc=f"irm {cfg.alignment}/{cfg.seed}", mininterval=2,
                        file=sys.stderr)
         while step < tr.max_steps:
-            t0, tokens, losses = time.perf_counter(), 0, []
-            for _ in range(tr.grad_accum_steps):
-                batch = self._next_batch()
-                loss = self.engine(**batch)
-                self.engine.backward(loss)
-                self.engine.step()
-                losses.append(float(loss.detach()))
-                tokens += int(batch["attention_mask"].sum()) * self.dist.world_size
-            if step % self.cfg.record.every_steps == 0:
-                self.record_profile(step, self.engine.module.last_injection, batch["attention_mask"])
+            rec = self.train_step(step)
             step += 1
-            step_time = time.perf_counter() - t0
-            rec = {"step": step, "loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens / step_time, "step_time_s": step_time, "time": time.time(),
-                   "max_steps": tr.max_steps}
-            self.last_loss = rec["loss"]
             if tr.eval_every and step % tr.eval_every == 0 and step < tr.max_steps:
                 rec.update(self.evaluate())
             if step % tr.log_every == 0 or "alignment_gain" in rec:
@@ -456,6 +442,29 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.guard.release(self.dist.is_main)
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step (``grad_accum_steps`` micro-batches) from ``step`` completed steps.
+
+        Records the profile of the first micro-batch's injections when ``step`` is a multiple of
+        ``record.every_steps`` (weights after ``step`` updates). Returns the metrics record of step + 1.
+        """
+        t0, tokens, losses = time.perf_counter(), 0, []
+        for micro in range(self.cfg.train.grad_accum_steps):
+            batch = self._next_batch()
+            loss = self.engine(**batch)
+            if micro == 0 and step % self.cfg.record.every_steps == 0:
+                self.record_profile(step, self.engine.module.last_injection, batch["attention_mask"])
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(float(loss.detach()))
+            tokens += int(batch["attention_mask"].sum()) * self.dist.world_size
+        step_time = time.perf_counter() - t0
+        rec = {"step": step + 1, "loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0],
+               "tokens_per_s": tokens / step_time, "step_time_s": step_time, "time": time.time(),
+               "max_steps": self.cfg.train.max_steps}
+        self.last_loss = rec["loss"]
+        return rec
 
     def _final_profile(self) -> None:
         """Profile record at ``max_steps`` on the next batch, without moving the sampler."""

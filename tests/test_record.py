@@ -151,7 +151,7 @@ def test_default_compression_needs_hdf5plugin_in_plain_h5py(final_file: Path) ->
 
 
 def test_plugin_compression_without_hdf5plugin(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(record, "hdf5plugin", None)
+    monkeypatch.setattr(record.schema, "hdf5plugin", None)
     with pytest.raises(ValueError, match="pip install hdf5plugin"):
         recorder(tmp_path / "a", compression="zstd")
     with recorder(tmp_path / "b", compression="gzip") as rec:  # built-in filters still work

@@ -14,6 +14,7 @@ class AnalysisError(RuntimeError):
 
 
 SOURCES = ("probe", "train")
+AUTO_POOL_MIN_RUNS = 8  # below this, spawning map processes costs more than it saves (benchmarks/bench_analysis.py)
 PROFILES = ("column_score", "mean_abs")
 
 
@@ -43,7 +44,8 @@ class Params:
       n_outliers: base-model outlier dimensions listed beside the striations.
       max_heatmap_runs: runs shown in the per-run heatmap grid.
       figures: write PNG figures (matplotlib, Agg backend).
-      workers: map processes in `analyze` (1 = in-process loop; >1 = multiprocessing pool).
+      workers: map processes in `analyze` (1 = in-process loop; >1 = a multiprocessing pool of that size;
+        0 = auto: 2 when there are >= AUTO_POOL_MIN_RUNS runs and >= 2 usable CPUs, else 1).
     """
 
     top_k_frac: float = 0.01
@@ -58,7 +60,7 @@ class Params:
     n_outliers: int = 10
     max_heatmap_runs: int = 6
     figures: bool = True
-    workers: int = 1
+    workers: int = 0
     block_rows: int = 0
 
     def __post_init__(self) -> None:
@@ -77,7 +79,7 @@ class Params:
             ("n_clusters", self.n_clusters >= 0, "must be >= 0 (0 = number of alignments)"),
             ("n_outliers", self.n_outliers >= 1, "must be >= 1"),
             ("max_heatmap_runs", self.max_heatmap_runs >= 1, "must be >= 1"),
-            ("workers", self.workers >= 1, "must be >= 1"),
+            ("workers", self.workers >= 0, "must be >= 0 (0 = auto)"),
             ("block_rows", self.block_rows >= 0, "must be >= 0 (0 = reader default)"),
         ]
         for key, ok, why in checks:
@@ -87,6 +89,17 @@ class Params:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def map_workers(self, n_runs: int) -> int:
+        """Map processes for ``n_runs`` runs (resolves ``workers=0``: 2 if n_runs >= AUTO_POOL_MIN_RUNS and
+        at least 2 CPUs are usable by this process (``os.sched_getaffinity``, so a Slurm allocation counts),
+        else 1)."""
+        if self.workers:
+            return max(1, min(self.workers, n_runs))
+        import os
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return 2 if n_runs >= AUTO_POOL_MIN_RUNS and cpus >= 2 else 1
 
 
 def valid_keys() -> list[str]:

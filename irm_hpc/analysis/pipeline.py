@@ -16,7 +16,8 @@ from irm_hpc.analysis import clustering as cl
 from irm_hpc.analysis import stats as st
 from irm_hpc.analysis.discover import MANIFEST, RunRef, discover_runs, read_manifest, safe_name, warn
 from irm_hpc.analysis.params import AnalysisError, Params, parse_params
-from irm_hpc.analysis.profiles import SKIP_SUFFIX, RunProfile, load_profile, map_run, profiles_dir
+from irm_hpc.analysis.profiles import (SKIP_SUFFIX, RunProfile, load_profile, map_run, prefetch, profiles_dir,
+                                       record_files)
 
 SUMMARY_SCHEMA = "irm_hpc.analysis/1"
 TOP_INDICES = 5  # non-significant context rows per run in the summary
@@ -393,17 +394,20 @@ def analyze(inputs: Union[PathLike, Iterable[PathLike]], out_dir: Optional[PathL
 
         bar = tqdm(total=len(tasks), desc="map runs", unit="run", mininterval=0.5, file=sys.stderr)
     results = []
-    if params.workers > 1 and len(tasks) > 1:
+    workers = params.map_workers(len(tasks))
+    if workers > 1:
         import multiprocessing as mp
 
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(min(params.workers, len(tasks)), maxtasksperchild=None) as pool:
+        ctx = mp.get_context("spawn")  # no fork of a process holding HDF5/BLAS state
+        with ctx.Pool(workers) as pool:
             for res in pool.imap_unordered(_map_one, tasks):
                 results.append(res)
                 if bar is not None:
                     bar.update(1)
     else:
-        for t in tasks:
+        for i, t in enumerate(tasks):
+            if i + 1 < len(tasks):  # read the next run's file ahead while this one is decompressed
+                prefetch(record_files(tasks[i + 1][0].path))
             results.append(_map_one(t))
             if bar is not None:
                 bar.update(1)
@@ -415,7 +419,7 @@ def analyze(inputs: Union[PathLike, Iterable[PathLike]], out_dir: Optional[PathL
     map_s = time.perf_counter() - t0
     summary = reduce_runs(out, params, skipped=skipped)
     summary["timing"]["map_seconds"] = round(map_s, 3)
-    summary["timing"]["map_workers"] = params.workers
+    summary["timing"]["map_workers"] = workers
     from irm_hpc.analysis import report
 
     report.write_outputs(out, summary)

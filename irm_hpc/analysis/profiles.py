@@ -144,6 +144,36 @@ def _blas_single_thread():
         return None
 
 
+def prefetch(paths) -> None:
+    """Ask the kernel to read these files ahead in the background (``posix_fadvise(POSIX_FADV_WILLNEED)``),
+    so disk reads overlap with decompression; page cache only (no process memory). Errors are ignored."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def record_files(path: PathLike) -> list[Path]:
+    """The HDF5 files of a run path (its injections.h5, or its record/ segments), for `prefetch`."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if (p / "injections.h5").is_file():
+        return [p / "injections.h5"]
+    d = p / "record" if (p / "record").is_dir() else p
+    return sorted(d.glob("seg-*.h5")) if d.is_dir() else []
+
+
 def _mean(s: np.ndarray, n: int) -> np.ndarray:
     return (s / n).astype(np.float32) if n > 0 else np.full(s.shape, np.nan, np.float32)
 
@@ -170,6 +200,7 @@ def map_run(run_path: Union[PathLike, RunRef], out_dir: PathLike, params: Union[
         ref = RunRef(ref.path, safe_name(name), ref.alignment, ref.seed, ref.layer_set, ref.task_id)
     out = profiles_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    prefetch(record_files(ref.path))
     try:
         run = open_run(ref.path)
     except RecordError as exc:

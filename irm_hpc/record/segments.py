@@ -1,0 +1,227 @@
+"""Segment files of a record dir: ``index.json`` (`_Index`), the open segment being appended to
+(`_Segment`), copying / truncating records, the final merge into ``injections.h5`` and removing the dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import h5py
+import numpy as np
+
+from irm_hpc import __version__
+from irm_hpc.record._util import _atomic_write_text, _fsync_path, _h5_open, _one_line
+from irm_hpc.record.schema import (INDEX_NAME, LIBVER, PROBE_COLUMNS, PROFILE_COLUMNS, RDCC_BYTES, RUN_FILE,
+                                   SCHEMA_VERSION, SEG_GLOB, STR_DTYPE, RecordError, _append, _Layout, _open_h5,
+                                   _read_ds, _write_attrs)
+
+
+# ----------------------------------------------------------------------------- segment index
+@dataclass
+class _SegInfo:
+    file: str
+    first_step: int
+    last_step: int
+    n_records: int
+    n_probe_tokens: int
+
+
+@dataclass
+class _Index:
+    """``record/index.json``: completed segments (in order) and the checkpoints taken so far.
+
+    ``checkpoints`` lists ``{"step": s, "segments": k}`` per ``checkpoint(s)`` call: when it returned,
+    the first k segments were complete. ``pending_delete`` names segments dropped by a resume whose
+    deletion may not have happened yet (readers ignore them).
+    """
+
+    dir: Path
+    layout: Optional[dict] = None
+    checkpoints: list[dict] = field(default_factory=list)
+    segments: list[_SegInfo] = field(default_factory=list)
+    pending_delete: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.dir / INDEX_NAME
+
+    @property
+    def checkpoint_step(self) -> Optional[int]:
+        """Step of the last checkpoint, None before the first one."""
+        return self.checkpoints[-1]["step"] if self.checkpoints else None
+
+    def add_checkpoint(self, step: int) -> None:
+        self.checkpoints.append({"step": int(step), "segments": len(self.segments)})
+
+    @classmethod
+    def load(cls, d: Path) -> "_Index":
+        """Read ``d/index.json`` (empty index if absent). RecordError if unreadable or of another schema."""
+        path = d / INDEX_NAME
+        if not path.is_file():
+            return cls(d)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if raw.get("schema_version") != SCHEMA_VERSION:
+                raise RecordError(f"{path}: schema version {raw.get('schema_version')}, this irm_hpc "
+                                  f"({__version__}) reads version {SCHEMA_VERSION}; use the irm_hpc version that "
+                                  "wrote it")
+            segs = [_SegInfo(**s) for s in raw["segments"]]
+            return cls(d, raw.get("layout"), list(raw["checkpoints"]), segs, list(raw.get("pending_delete", [])))
+        except RecordError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RecordError(f"{path}: damaged segment index ({_one_line(exc)}); delete {d} to restart "
+                              "the recording, or restore index.json") from exc
+
+    def save(self) -> None:
+        data = {"schema_version": SCHEMA_VERSION, "layout": self.layout, "checkpoint_step": self.checkpoint_step,
+                "checkpoints": self.checkpoints, "segments": [asdict(s) for s in self.segments],
+                "pending_delete": self.pending_delete}
+        _atomic_write_text(self.path, json.dumps(data, indent=1) + "\n")
+
+    def names(self) -> set[str]:
+        return {s.file for s in self.segments}
+
+
+# ----------------------------------------------------------------------------- writing files
+class _Segment:
+    """One open segment file being appended to (writer thread only)."""
+
+    def __init__(self, path: Path, layout: _Layout, attrs: dict) -> None:
+        self.path = path
+        self.f = _h5_open(path, "w", libver=LIBVER, rdcc_nbytes=RDCC_BYTES, rdcc_w0=1.0)
+        _write_attrs(self.f, attrs, finalized=False)
+        layout.create(self.f)
+        self.first_step: Optional[int] = None
+        self.last_step: Optional[int] = None
+        self.n_records = 0
+        self.n_probe_tokens = 0
+
+    def _saw(self, step: int) -> None:
+        self.first_step = step if self.first_step is None else min(self.first_step, step)
+        self.last_step = step if self.last_step is None else max(self.last_step, step)
+
+    def add_profile(self, step: int, mean_abs: np.ndarray, mean: np.ndarray, n_tokens: int) -> None:
+        g = self.f["profiles"]
+        _append(g["step"], [step])
+        _append(g["n_tokens"], [n_tokens])
+        _append(g["mean_abs"], mean_abs[None])
+        _append(g["mean"], mean[None])
+        self.n_records += 1
+        self._saw(step)
+
+    def add_probe(self, step: int, cols: dict[str, np.ndarray], injection: np.ndarray) -> None:
+        g = self.f["probe"]
+        for name, values in cols.items():
+            _append(g[name], values)
+        _append(g["step"], np.full(len(injection), step, dtype=np.int64))
+        _append(g["injection"], injection)
+        self.n_probe_tokens += len(injection)
+        self._saw(step)
+
+    def close(self, durable: bool) -> _SegInfo:
+        """Close the file; with ``durable`` also fsync it. Returns its index entry."""
+        self.f.close()
+        if durable:
+            _fsync_path(self.path)
+        first = self.first_step if self.first_step is not None else -1
+        last = self.last_step if self.last_step is not None else -1
+        return _SegInfo(self.path.name, first, last, self.n_records, self.n_probe_tokens)
+
+
+def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, keep: Optional[np.ndarray], block: int) -> None:
+    """Append rows of ``src`` (all, or the increasing indices ``keep``) to ``dst`` in blocks of ``block``."""
+    n = src.shape[0] if keep is None else len(keep)
+    start = dst.shape[0]
+    dst.resize(start + n, axis=0)
+    for a in range(0, n, block):
+        if keep is None:
+            data = _read_ds(src, np.s_[a:a + block])
+        else:
+            idx = keep[a:a + block]
+            contiguous = idx[-1] - idx[0] + 1 == len(idx)
+            data = _read_ds(src, np.s_[idx[0]:idx[-1] + 1]) if contiguous else _read_ds(src, idx)
+        dst[start + a:start + a + len(data)] = data
+
+
+def _copy_records(src: h5py.File, dst: h5py.File, max_step: Optional[int] = None) -> tuple[int, int]:
+    """Append src's profiles and probe rows (steps <= max_step if given) to dst; return (n_records, n_tok)."""
+    counts = []
+    for group, columns, big in (("profiles", PROFILE_COLUMNS, ("mean_abs", "mean")),
+                                ("probe", PROBE_COLUMNS, ("injection",))):
+        keep = None
+        if max_step is not None:
+            keep = np.flatnonzero(_read_ds(src[f"{group}/step"]) <= max_step)
+        for name in (*columns, *big):
+            d = dst[f"{group}/{name}"]
+            block = 1 << 16 if d.ndim == 1 else d.chunks[0] * 16
+            _copy_rows(src[f"{group}/{name}"], d, keep, block)
+        counts.append(src[f"{group}/step"].shape[0] if keep is None else len(keep))
+    return counts[0], counts[1]
+
+
+def _write_run_level(f: h5py.File, prompts: list[str], base: Optional[np.ndarray]) -> None:
+    """Write probe/prompts (always) and base/resid_abs (when known) into ``f``."""
+    f.create_dataset("probe/prompts", data=np.array(prompts, dtype=object), dtype=STR_DTYPE)
+    if base is not None:
+        f.create_dataset("base/resid_abs", data=np.asarray(base, dtype=np.float32))
+
+
+def _step_range(f: h5py.File) -> tuple[int, int]:
+    steps = np.concatenate([_read_ds(f["profiles/step"]), _read_ds(f["probe/step"])])
+    return (int(steps.min()), int(steps.max())) if len(steps) else (-1, -1)
+
+
+def _truncate_segment(path: Path, max_step: int, layout: _Layout) -> _SegInfo:
+    """Rewrite segment ``path`` keeping only records with step <= max_step (tmp + os.replace)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with _open_h5(path) as src, _h5_open(tmp, "w", libver=LIBVER) as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        layout.create(dst)
+        n_rec, n_tok = _copy_records(src, dst, max_step)
+        first, last = _step_range(dst)
+    _fsync_path(tmp)
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+    return _SegInfo(path.name, first, last, n_rec, n_tok)
+
+
+# ----------------------------------------------------------------------------- merging
+def _merge(record_dir: Path, out: Path, index: _Index, layout: _Layout, attrs: dict) -> None:
+    """Write all completed segments + run.h5 of ``record_dir`` into ``out`` atomically."""
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    try:
+        with _h5_open(tmp, "w", libver=LIBVER, rdcc_nbytes=RDCC_BYTES, rdcc_w0=1.0) as dst:
+            _write_attrs(dst, attrs, finalized=True)
+            layout.create(dst)
+            for seg in index.segments:
+                with _open_h5(record_dir / seg.file) as src:
+                    _copy_records(src, dst)
+            prompts, base = [], None
+            if (record_dir / RUN_FILE).is_file():
+                with _open_h5(record_dir / RUN_FILE) as run:
+                    prompts = list(_read_ds(run["probe/prompts"])) if "probe/prompts" in run else []
+                    base = _read_ds(run["base/resid_abs"]) if "base/resid_abs" in run else None
+            _write_run_level(dst, prompts, base)
+        _fsync_path(tmp)
+        os.replace(tmp, out)
+        _fsync_path(out.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_record_dir(record_dir: Path) -> None:
+    """Delete index.json first (so a half-removed dir is never read as complete), then the rest."""
+    (record_dir / INDEX_NAME).unlink(missing_ok=True)
+    for p in record_dir.iterdir():
+        if p.match(SEG_GLOB) or p.name == RUN_FILE or p.name.endswith(".tmp"):
+            p.unlink()
+    try:
+        record_dir.rmdir()
+    except OSError:
+        pass  # something else lives there; leave it
