@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Union
 
 
 class AnalysisError(RuntimeError):

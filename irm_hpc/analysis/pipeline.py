@@ -14,7 +14,7 @@ import numpy as np
 
 from irm_hpc.analysis import clustering as cl
 from irm_hpc.analysis import stats as st
-from irm_hpc.analysis.discover import MANIFEST, RunRef, discover_runs, read_manifest, safe_name, warn
+from irm_hpc.analysis.discover import MANIFEST, discover_runs, read_manifest, safe_name, warn
 from irm_hpc.analysis.params import AnalysisError, Params, parse_params
 from irm_hpc.analysis.profiles import (SKIP_SUFFIX, RunProfile, load_profile, map_run, prefetch, profiles_dir,
                                        record_files)

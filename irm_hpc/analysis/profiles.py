@@ -107,7 +107,7 @@ def _block_ranges(relevant: np.ndarray, rows: int) -> list[tuple[int, int]]:
 def _probe_sums(run, final_step: Optional[int], block_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """(4, n_inj, hidden) float64 sums of |injection| and (4,) token counts for GROUPS."""
     m = run.meta
-    n_inj, hidden = m.n_inj, m.hidden_size
+    n_inj, hidden = len(m.injection_layers), m.hidden_size
     sums = np.zeros((len(GROUPS), n_inj * hidden), np.float64)
     counts = np.zeros(len(GROUPS), np.int64)
     if len(run.probe) == 0:
@@ -228,7 +228,7 @@ class _NoData(Exception):
 
 def _reduce_run(run, ref: RunRef, params: Params) -> tuple[dict, dict]:
     m = run.meta
-    n_inj, hidden = m.n_inj, m.hidden_size
+    n_inj, hidden = len(m.injection_layers), m.hidden_size
     steps = np.asarray(run.steps)
     n_tok = len(run.probe)
     if len(steps) == 0 and n_tok == 0:
