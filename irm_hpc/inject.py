@@ -149,7 +149,7 @@ def inject(model: nn.Module, irm: IRM, enabled: bool = True, keep_injections: bo
     resolve_layers(len(layers), irm.injection_layers)
     state = Injector(irm=irm, enabled=enabled, keep_injections=keep_injections)
     slot = {layer_idx: k for k, layer_idx in enumerate(irm.injection_layers)}
-    current: dict[str, Optional[torch.Tensor]] = {"v": None}
+    current: dict = {"parts": None}
 
     def save_layer0_input(_module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -158,7 +158,9 @@ def inject(model: nn.Module, irm: IRM, enabled: bool = True, keep_injections: bo
     def run_irm(site_out: torch.Tensor) -> None:
         resid = state._layer0_input + site_out
         v = irm(resid)
-        current["v"] = v
+        # one unbind (its backward stacks all layers' gradients at once) instead of one strided
+        # select per layer (each select's backward materialises a full-size zero gradient)
+        current["parts"] = v.unbind(dim=-2)
         if state.keep_injections:
             state.last_injection, state.last_resid = v, resid
 
@@ -171,7 +173,7 @@ def inject(model: nn.Module, irm: IRM, enabled: bool = True, keep_injections: bo
                 run_irm(site_out)
             if layer_idx not in slot:
                 return None
-            vec = current["v"][..., slot[layer_idx], :].to(site_out.dtype)
+            vec = current["parts"][slot[layer_idx]].to(site_out.dtype)
             return _replace_output(out, site_out + vec)
 
         return hook
@@ -187,7 +189,7 @@ def inject(model: nn.Module, irm: IRM, enabled: bool = True, keep_injections: bo
             handle.remove()
         state.handles.clear()
         state._layer0_input = None
-        current["v"] = None
+        current["parts"] = None
 
 
 def count_hooks(model: nn.Module) -> int:
