@@ -83,7 +83,7 @@ def local_executor(folder: Path, timeout_min: int, tasks_per_node: int = 1) -> s
     return ex
 
 
-def sbatch_preview(cluster: DictConfig, n_tasks: int, folder: Path = Path("runs/DRYRUN/logs/train")) -> str:
+def sbatch_preview(cluster: DictConfig, n_tasks: int, folder: Path = Path("runs/SWEEP/logs/train")) -> str:
     """The sbatch script submitit would submit for a train array of ``n_tasks`` (nothing is submitted)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
@@ -244,7 +244,8 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> dict:
     if args.dry_run:
         print_plan(cfg, tasks, kind)
         if kind == "slurm" or cfg.cluster.executor == "slurm":
-            print(sbatch_preview(cfg.cluster, len(tasks)))
+            folder = Path(cfg.runs_root).resolve() / f"{cfg.sweep.name}-<timestamp>" / "logs" / "train"
+            print(sbatch_preview(cfg.cluster, len(tasks), folder))
         return {}
     manifest = create_sweep(cfg, kind, args.name)
     ids = submit(manifest, cfg.cluster, manifest.tasks, "launch")
