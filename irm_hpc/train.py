@@ -306,6 +306,7 @@ class Trainer:
             "model_name": self.cfg.model.name, "hidden_size": self.hidden, "n_layers": self.n_model_layers,
             "injection_layers": self.layers, "alignment": self.cfg.alignment, "seed": int(self.cfg.seed),
             "config_yaml": to_yaml(self.cfg), "package_version": __version__, "git_commit": git_commit(),
+            "world_size": self.dist.world_size, "nodes": os.environ.get("SLURM_JOB_NODELIST", os.uname().nodename),
         }
         rc = self.cfg.record
         self.recorder = RunRecorder(self.out_dir / "record", meta, n_inj=len(self.layers), hidden=self.hidden,
