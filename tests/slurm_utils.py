@@ -38,3 +38,19 @@ def wait_for(pred: Callable[[], bool], timeout_s: float, what: str, poll_s: floa
 def queue_empty(job_ids: list[str]) -> bool:
     out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True, text=True).stdout
     return not out.strip()
+
+
+LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED", "RESIZING"}
+
+
+def sacct_final(job_ids: list[str], timeout_s: float = 60) -> dict[str, dict]:
+    """``sacct(job_ids)`` once every row has a final state (the accounting lags squeue by seconds)."""
+    rows: dict[str, dict] = {}
+
+    def settled() -> bool:
+        nonlocal rows
+        rows = sacct(job_ids)
+        return bool(rows) and not any(r["State"] in LIVE_STATES for r in rows.values())
+
+    wait_for(settled, timeout_s, f"sacct to settle for {job_ids}", poll_s=1)
+    return rows

@@ -13,7 +13,7 @@ from conftest import GOEMOTIONS
 from irm_hpc import launch
 from irm_hpc.manifest import load_manifest
 from irm_hpc.record import open_run
-from slurm_utils import queue_empty, requires_slurm, sacct, wait_for
+from slurm_utils import queue_empty, requires_slurm, sacct, sacct_final, wait_for
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 
@@ -36,7 +36,7 @@ def test_smoke_sweep_array_then_analysis(tmp_path):
     assert len(m.tasks) == 4 and len({t.job_id.split("_")[0] for t in m.tasks}) == 1, "one job array"
     ids = [m.train_job_ids[0], *m.analysis_job_ids]
     wait_for(lambda: queue_empty(ids), 600, "the smoke sweep and its analysis to leave the queue", poll_s=2)
-    rows = sacct(ids)
+    rows = sacct_final(ids)
     train = {k: v for k, v in rows.items() if k.startswith(m.train_job_ids[0] + "_")}
     maps = {k: v for k, v in rows.items() if k.startswith(m.analysis_job_ids[0] + "_")}
     reduce_row = rows[m.analysis_job_ids[1]]

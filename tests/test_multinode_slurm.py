@@ -13,7 +13,7 @@ from conftest import REPO
 from irm_hpc import launch
 from irm_hpc.manifest import load_manifest
 from irm_hpc.record import open_run
-from slurm_utils import queue_empty, requires_slurm, sacct, wait_for
+from slurm_utils import queue_empty, requires_slurm, sacct, sacct_final, wait_for
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 
@@ -36,7 +36,7 @@ def _run_task(tmp_path: Path, name: str, nodes: int, tasks_per_node: int) -> Pat
     m = load_manifest(tmp_path / name)
     wait_for(lambda: queue_empty([m.train_job_ids[0]]), 400, f"the {name} task", poll_s=2)
     task = m.tasks[0]
-    assert sacct([task.job_id.split("_")[0]])[task.job_id]["State"] == "COMPLETED"
+    assert sacct_final([task.job_id.split("_")[0]])[task.job_id]["State"] == "COMPLETED"
     return m.task_dir(task)
 
 
@@ -82,6 +82,7 @@ def test_node_failure_requeues_elsewhere_and_resumes(two_nodes, tmp_path):
             m = load_manifest(tmp_path / "nf")
             wait_for(lambda: queue_empty([m.train_job_ids[-1]]), 600, "the resumed task", poll_s=2)
         wait_for(lambda: queue_empty([task.job_id]), 120, "the requeued job to end", poll_s=1)
+        sacct_final([task.job_id.split("_")[0], *m.train_job_ids])
         states = subprocess.run(["sacct", "-X", "-n", "-P", "--duplicates", "-j", task.job_id.split("_")[0],
                                  "--format=JobID,State,NodeList"], capture_output=True, text=True).stdout
         assert "NODE_FAIL" in states, states

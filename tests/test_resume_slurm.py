@@ -25,7 +25,7 @@ from irm_hpc import launch
 from irm_hpc.manifest import load_manifest
 from irm_hpc.record import open_run
 from irm_hpc.status import task_rows
-from slurm_utils import queue_empty, requires_slurm, sacct, wait_for
+from slurm_utils import queue_empty, requires_slurm, sacct, sacct_final, wait_for
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 
@@ -113,8 +113,7 @@ def test_cancel_kill_status_and_concurrent_resume(tmp_path):
 
     all_ids = [*m.train_job_ids, *m.analysis_job_ids]
     wait_for(lambda: queue_empty(all_ids), 900, "resumed tasks and the analysis", poll_s=2)
-    states = _states(m)
-    assert set(states.values()) == {"COMPLETED"}, states
+    wait_for(lambda: set(_states(m).values()) == {"COMPLETED"}, 60, "status to show every task COMPLETED")
     assert (sweep / "analysis" / "summary.json").is_file()
 
     for task in (t0, t1):
@@ -152,6 +151,6 @@ def test_timeout_requeues_and_completes(tmp_path):
     assert "checkpointing at the next step boundary" in log, "the timeout signal never reached the trainer"
     assert "Requeued job" in log, "submitit did not requeue the job"
     assert "resuming from checkpoint" in log, "the requeued job did not resume from its checkpoint"
-    assert sacct([task.job_id.split("_")[0]])[task.job_id]["State"] == "COMPLETED"
+    assert sacct_final([task.job_id.split("_")[0]])[task.job_id]["State"] == "COMPLETED"
     with open_run(out) as run:
         assert run.steps.tolist() == list(range(0, steps + 1, 500))
