@@ -101,12 +101,12 @@ def _load_pretrained(cfg, dtype: torch.dtype):
 
     src = resolve_path(cfg.path)
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    cached = _cache_dir(f"{cfg.name}-{Path(cfg.gguf_file).stem}") if cfg.gguf_file else None
     if cfg.gguf_file:
         if not (Path(src) / cfg.gguf_file).is_file():
             raise ModelLoadError(f"GGUF file not found: {Path(src) / cfg.gguf_file}; check model.path and model.gguf_file")
-        cached = _cache_dir(f"{cfg.name}-{Path(cfg.gguf_file).stem}")
         if (cached / "config.json").is_file():
-            src, kwargs = str(cached), {"trust_remote_code": cfg.trust_remote_code}
+            src = str(cached)
         else:
             kwargs["gguf_file"] = cfg.gguf_file
     elif src.startswith((".", "/", "~")) and not Path(src).expanduser().exists():
@@ -118,7 +118,7 @@ def _load_pretrained(cfg, dtype: torch.dtype):
         first = " ".join(str(exc).split())[:300]
         raise ModelLoadError(f"cannot load model '{cfg.path}': {first}") from None
     if "gguf_file" in kwargs:
-        _save_cache(model, tokenizer, _cache_dir(f"{cfg.name}-{Path(cfg.gguf_file).stem}"))
+        _save_cache(model, tokenizer, cached)
     return model, tokenizer
 
 

@@ -394,7 +394,7 @@ class Trainer:
     # ----------------------------------------------------------------- main loop
     def run(self) -> dict:
         """Train to ``train.max_steps`` (resuming if a checkpoint exists); return the final summary."""
-        cfg, tr = self.cfg, self.cfg.train
+        tr = self.cfg.train
         step = self.load()
         if step:
             log0("resuming from checkpoint step %d", step)
