@@ -84,7 +84,7 @@ class TrainConfig:
     log_every: int = 1
     grad_clip: float = 1.0
     progress: bool = True
-    threads: Optional[int] = None  # torch intra-op threads; None = torch default
+    threads: Optional[int] = None  # torch intra-op threads; None = SLURM_CPUS_PER_TASK, else torch default
 
 
 @dataclass

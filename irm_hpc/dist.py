@@ -41,6 +41,21 @@ def configure_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def intra_op_threads(requested: int | None) -> int | None:
+    """The torch intra-op thread count for this process.
+
+    ``requested`` (``train.threads``) wins; otherwise Slurm's ``SLURM_CPUS_PER_TASK`` (the CPUs the job
+    was allocated per task), so that array tasks sharing a node do not each start one thread per core
+    of the machine; otherwise ``None`` (keep torch's default). Raises ``ValueError`` for a count < 1.
+    """
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"train.threads must be >= 1 or null, got {requested}")
+        return int(requested)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(slurm) if slurm.isdigit() and int(slurm) >= 1 else None
+
+
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through ``deepspeed.init_distributed`` (idempotent).
 

@@ -29,7 +29,7 @@ from torch import nn
 from irm_hpc import __version__
 from irm_hpc.config import ConfigError, load_config, require, to_yaml
 from irm_hpc.data import AlignmentData, DataError, ResumableSampler, batches, collate, load_alignment, tokenize
-from irm_hpc.dist import DistInfo, init_distributed, log0, setup_logging
+from irm_hpc.dist import DistInfo, init_distributed, intra_op_threads, log0, setup_logging
 from irm_hpc.inject import capture_residuals, decoder_layers, inject, layer_set_layers, resolve_layers
 from irm_hpc.irm import IRM
 from irm_hpc.models import ModelLoadError, load_model
@@ -215,8 +215,9 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         torch.manual_seed(cfg.seed)
-        if cfg.train.threads:
-            torch.set_num_threads(int(cfg.train.threads))
+        threads = intra_op_threads(cfg.train.threads)
+        if threads:
+            torch.set_num_threads(threads)
         self.lm, self.tokenizer = load_model(cfg.model)
         self.device = next(self.lm.parameters()).device
         n_model_layers = len(decoder_layers(self.lm))

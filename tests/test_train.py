@@ -97,3 +97,15 @@ def test_finished_out_dir_is_not_retrained(tsv_data, tmp_path):
     stamp = (out / "irm.safetensors").stat().st_mtime_ns
     assert run_module("irm_hpc.train", args).returncode == 0
     assert (out / "irm.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_intra_op_threads_follows_slurm_allocation(monkeypatch):
+    from irm_hpc.dist import intra_op_threads
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert intra_op_threads(None) is None
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert intra_op_threads(None) == 3
+    assert intra_op_threads(5) == 5  # train.threads wins over the allocation
+    with pytest.raises(ValueError, match="train.threads"):
+        intra_op_threads(0)
