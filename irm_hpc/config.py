@@ -147,6 +147,7 @@ class ClusterConfig:
     analysis_cpus: int = 2
     analysis_mem_gb: float = 4.0
     analysis_timeout_min: int = 60
+    analysis_runs_per_task: int = 1  # runs per analysis map-array task (raise it for sweeps of many small runs)
 
 
 @dataclass

@@ -4,8 +4,8 @@
   ``submitit.helpers.TorchDistributedEnvironment``. It is ``submitit.helpers.Checkpointable``: on the
   timeout/preemption signal submitit calls ``checkpoint()``, which requeues the same task; the run then
   resumes from its latest DeepSpeed checkpoint tag.
-* :class:`AnalysisMapTask` / :class:`AnalysisReduceTask`: the striation analysis map (one per run)
-  and reduce (once, after the map array).
+* :class:`AnalysisMapTask` / :class:`AnalysisReduceTask`: the striation analysis map (one array task
+  per ``cluster.analysis_runs_per_task`` runs) and reduce (once, after the map array).
 * :class:`LocalSweep`: without Slurm, one local job that runs the training tasks one after another
   through submitit's LocalExecutor, then the analysis (the local executor has no dependencies).
 """
@@ -48,20 +48,27 @@ class TrainTask(submitit.helpers.Checkpointable):
 
 
 class AnalysisMapTask:
-    """Reduce one run's HDF5 stream to profiles (``irm_hpc.analysis.map_run``)."""
+    """Reduce each run's HDF5 stream to profiles (``irm_hpc.analysis.map_run``), one run after another.
 
-    def __init__(self, run_dir: str, out_dir: str, params: list[str]):
-        self.run_dir, self.out_dir, self.params = str(run_dir), str(out_dir), list(params)
+    ``run_dirs``: the task directories of one chunk of the sweep. Returns one entry per run: the
+    profile file written, or ``None`` for a failed/empty run (skipped here; the reduce reports it).
+    """
 
-    def __call__(self) -> Optional[str]:
+    def __init__(self, run_dirs: list[str], out_dir: str, params: list[str]):
+        self.run_dirs, self.out_dir, self.params = [str(d) for d in run_dirs], str(out_dir), list(params)
+
+    def __call__(self) -> list[Optional[str]]:
         from irm_hpc import analysis
 
         params = analysis.parse_params(self.params)
-        try:
-            return str(analysis.map_run(self.run_dir, self.out_dir, params))
-        except analysis.AnalysisError as exc:  # a failed or empty run: the reduce reports it
-            print(f"skipped {self.run_dir}: {exc}")
-            return None
+        written: list[Optional[str]] = []
+        for run_dir in self.run_dirs:
+            try:
+                written.append(str(analysis.map_run(run_dir, self.out_dir, params)))
+            except analysis.AnalysisError as exc:
+                print(f"skipped {run_dir}: {exc}")
+                written.append(None)
+        return written
 
 
 class AnalysisReduceTask:
@@ -99,8 +106,7 @@ class LocalSweep:
                 print(f"task {task.task_id} failed: {str(exc).splitlines()[-1] if str(exc) else exc!r}")
         analysis_dir = Path(self.sweep_dir) / "analysis"
         params = list(manifest_analysis_params(manifest))
-        for task in manifest.tasks:
-            AnalysisMapTask(str(manifest.task_dir(task)), str(analysis_dir), params)()
+        AnalysisMapTask([str(manifest.task_dir(t)) for t in manifest.tasks], str(analysis_dir), params)()
         return AnalysisReduceTask(str(analysis_dir), params)()
 
 

@@ -2,8 +2,8 @@
 
 On Slurm the training tasks go out as ONE job array through submitit (``executor.batch()``), each task a
 DeepSpeed run with ``tasks_per_node`` ranks (ranks from submitit's ``TorchDistributedEnvironment``). The
-striation analysis follows as a map array (one task per run, ``--dependency=afterany:<train array>``) and
-a reduce job (``afterany:<map array>``). The launcher writes ``runs/<sweep>-<timestamp>/manifest.json``,
+striation analysis follows as a map array (``cluster.analysis_runs_per_task`` runs per task,
+``--dependency=afterany:<train array>``) and a reduce job (``afterany:<map array>``). The launcher writes ``runs/<sweep>-<timestamp>/manifest.json``,
 prints the sweep directory, the job ids and the status/resume commands, and exits without waiting
 (unless ``--wait``). Without ``sbatch`` (``--cluster local``) one local submitit job runs the tasks in
 order, then the analysis.
@@ -151,18 +151,28 @@ def submit_slurm(manifest: Manifest, cluster: DictConfig, tasks: list[Task], rea
     return ids
 
 
+def map_chunks(run_dirs: list[str], runs_per_task: int) -> list[list[str]]:
+    """Split the sweep's run directories into consecutive chunks of ``runs_per_task`` (one map-array
+    task each, so hundreds of small runs do not become hundreds of scheduler jobs). Raises
+    ``LaunchError`` if ``runs_per_task`` < 1."""
+    if runs_per_task < 1:
+        raise LaunchError(f"cluster.analysis_runs_per_task must be >= 1, got {runs_per_task}")
+    return [run_dirs[i:i + runs_per_task] for i in range(0, len(run_dirs), runs_per_task)]
+
+
 def submit_analysis(manifest: Manifest, cluster: DictConfig, dependency: str) -> dict:
-    """Map array (one task per run) after ``dependency``, then the reduce job after the map array."""
+    """Map array (``cluster.analysis_runs_per_task`` runs per array task) after ``dependency``, then
+    the reduce job after the map array. Returns ``{"map": array_id, "reduce": job_id}``."""
     sweep_dir = manifest.sweep_dir
     out = sweep_dir / "analysis"
     from irm_hpc.jobs import manifest_analysis_params
 
     params = manifest_analysis_params(manifest)
-    n = len(manifest.tasks)
-    ex = slurm_executor(cluster, sweep_dir / "logs" / "analysis", f"irm-map-{manifest.sweep}", n,
+    chunks = map_chunks([str(manifest.task_dir(t)) for t in manifest.tasks], int(cluster.analysis_runs_per_task))
+    ex = slurm_executor(cluster, sweep_dir / "logs" / "analysis", f"irm-map-{manifest.sweep}", len(chunks),
                         dependency=dependency, analysis=True)
     with ex.batch():
-        maps = [ex.submit(AnalysisMapTask(str(manifest.task_dir(t)), str(out), params)) for t in manifest.tasks]
+        maps = [ex.submit(AnalysisMapTask(chunk, str(out), params)) for chunk in chunks]
     map_id = maps[0].job_id.split("_")[0]
     ex = slurm_executor(cluster, sweep_dir / "logs" / "analysis", f"irm-reduce-{manifest.sweep}", 1,
                         dependency=f"afterany:{map_id}", analysis=True)
@@ -241,6 +251,7 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> dict:
     tasks = expand_tasks(list(cfg.sweep.alignments), list(cfg.sweep.seeds), list(cfg.sweep.layer_sets),
                          list(cfg.sweep.train_overrides))
     validate_tasks(tasks)
+    map_chunks([t.task_id for t in tasks], int(cfg.cluster.analysis_runs_per_task))  # fail before submitting
     if args.dry_run:
         print_plan(cfg, tasks, kind)
         if kind == "slurm" or cfg.cluster.executor == "slurm":

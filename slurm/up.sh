@@ -2,11 +2,14 @@
 # Bring up a real local Slurm cluster (slurmctld + slurmdbd/MariaDB + N slurmd) on
 # this machine, for development and CI. Idempotent: a second run is a quick no-op.
 #
-#   sudo bash slurm/up.sh [--nodes N]      (or IRM_SLURM_NODES=N; default 1)
+#   sudo bash slurm/up.sh [--nodes N] [--cpus-per-node C]
+#       N: simulated nodes (or IRM_SLURM_NODES; default 1)
+#       C: CPUs each node declares (or IRM_SLURM_CPUS_PER_NODE; default nproc/N, at least 2);
+#          more than the machine has oversubscribes it, e.g. to test array parallelism caps.
 #
-# Nodes are named n1..nN, all on 127.0.0.1 (ports 17001..), partition "debug".
-# Optional env: IRM_SLURM_CPUS_PER_NODE (default nproc/N; at least 2),
-#               IRM_SLURM_MEM_MARGIN_MB (memory kept for the OS, default ~10%),
+# Nodes are named n1..nN, all on 127.0.0.1 (ports 17001..), partition "debug"; jobs go to the
+# least-loaded node (LLN), so that array tasks spread over the nodes as on a busy real cluster.
+# Optional env: IRM_SLURM_MEM_MARGIN_MB (memory kept for the OS, default ~10%),
 #               IRM_SLURM_REQUEUE_EXIT (e.g. "75" -> RequeueExit=75),
 #               IRM_SLURM_SLURMD_TIMEOUT (s before a silent node is DOWN, default 30),
 #               IRM_SLURM_CLUSTER (cluster name, default "irm").
@@ -22,6 +25,8 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --nodes | -n) NODES="${2:-}"; shift 2 || die "--nodes needs a value" ;;
         --nodes=*) NODES="${1#*=}"; shift ;;
+        --cpus-per-node) IRM_SLURM_CPUS_PER_NODE="${2:-}"; shift 2 || die "--cpus-per-node needs a value" ;;
+        --cpus-per-node=*) IRM_SLURM_CPUS_PER_NODE="${1#*=}"; shift ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac

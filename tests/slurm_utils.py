@@ -5,7 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from typing import Callable
+from datetime import datetime
+from typing import Callable, Iterable
 
 import pytest
 
@@ -13,16 +14,35 @@ requires_slurm = pytest.mark.skipif(shutil.which("sbatch") is None or shutil.whi
                                     reason="no Slurm on PATH: run bash slurm/up.sh")
 
 
-def sacct(job_ids: list[str]) -> dict[str, dict]:
-    """JobID -> {State, Start, End, NodeList, ExitCode} for every allocation of ``job_ids`` (array tasks expanded)."""
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids),
+def sacct(job_ids: list[str], duplicates: bool = False) -> dict[str, dict]:
+    """JobID -> {State, Start, End, NodeList, ExitCode} for every allocation of ``job_ids`` (array tasks
+    expanded). ``duplicates``: also the earlier allocations of requeued jobs (``sacct -D``), as
+    JobID -> list of rows."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", *(["-D"] if duplicates else []), "-j", ",".join(job_ids),
                           "--format=JobID,State,Start,End,NodeList,ExitCode"], capture_output=True, text=True,
                          check=True).stdout
-    rows = {}
+    rows: dict = {}
     for line in out.splitlines():
         jid, state, start, end, node, code = line.split("|")
-        rows[jid] = {"State": state.split()[0], "Start": start, "End": end, "NodeList": node, "ExitCode": code}
+        row = {"State": state.split()[0], "Start": start, "End": end, "NodeList": node, "ExitCode": code}
+        if duplicates:
+            rows.setdefault(jid, []).append(row)
+        else:
+            rows[jid] = row
     return rows
+
+
+def peak_running(rows: Iterable[dict]) -> int:
+    """Most jobs running at the same time, from sacct ``Start``/``End`` (1 s resolution). Intervals are
+    half-open, so a task that starts in the second another one ended does not count as overlapping."""
+    events = []
+    for row in rows:
+        events += [(datetime.fromisoformat(row["Start"]), 1), (datetime.fromisoformat(row["End"]), -1)]
+    running = peak = 0
+    for _, delta in sorted(events):  # at equal times -1 (an end) sorts before +1 (a start)
+        running += delta
+        peak = max(peak, running)
+    return peak
 
 
 def wait_for(pred: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 1.0) -> None:

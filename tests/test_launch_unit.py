@@ -77,12 +77,22 @@ def test_expand_tasks_names_and_overrides():
         (["--sweep", "smoke", "cluster.mem=1"], "unknown key 'cluster.mem' (did you mean cluster.mem_gb"),
         (["--resume", "/nonexistent/sweep"], "is not a sweep directory"),
         (["--sweep", "smoke", "--bogus"], "unknown argument --bogus"),
+        (["--sweep", "smoke", "--dry-run", "cluster.analysis_runs_per_task=0"],
+         "cluster.analysis_runs_per_task must be >= 1, got 0"),
     ],
 )
 def test_bad_input_one_line(capsys, argv, expected):
     assert launch.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and expected in err, err
+
+
+def test_map_chunks_cover_every_run_once_in_order():
+    runs = [f"r{i}" for i in range(10)]
+    chunks = launch.map_chunks(runs, 4)
+    assert [len(c) for c in chunks] == [4, 4, 2] and sum(chunks, []) == runs
+    assert launch.map_chunks(runs, 1) == [[r] for r in runs]
+    assert launch.map_chunks(runs, 50) == [runs]
 
 
 def test_bad_task_override_fails_before_submission(capsys, tmp_path):
