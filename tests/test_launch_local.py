@@ -1,0 +1,29 @@
+"""The launcher without Slurm: submitit's local executor (the default where there is no sbatch)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_module
+from irm_hpc.manifest import load_manifest
+from irm_hpc.record import open_run
+
+
+def test_local_sweep_trains_every_task_then_analyses(tmp_path):
+    res = run_module("irm_hpc.launch", ["--sweep", "smoke", "--cluster", "local", "--name", "loc", "--wait",
+                                        f"runs_root={tmp_path}", "sweep.seeds=[0]", "train.max_steps=3"],
+                     timeout=600, env={"PATH": "/usr/bin:/bin"})  # no sbatch: as on a laptop
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    sweep = tmp_path / "loc"
+    m = load_manifest(sweep)
+    assert m.executor == "local" and [t.alignment for t in m.tasks] == ["anger", "joy"]
+    for task in m.tasks:
+        out = m.task_dir(task)
+        assert json.loads((out / "DONE").read_text())["step"] == 3
+        with open_run(out / "injections.h5") as run:
+            assert run.meta.alignment == task.alignment
+    summary = json.loads((sweep / "analysis" / "summary.json").read_text())
+    assert summary["n_runs"] == 2 and (sweep / "analysis" / "report.md").is_file()
+    status = run_module("irm_hpc.status", [str(sweep), "--json"], timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert status.returncode == 0, status.stderr
+    assert all(r["done"] for r in json.loads(status.stdout)["tasks"])
