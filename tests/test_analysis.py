@@ -91,12 +91,31 @@ def write_run(out_dir: Path, alignment: str, seed: int, *, planted: bool = True,
     return out_dir
 
 
+def planted_gain(alignment: str, seed: int, step: int = FINAL_STEP) -> float:
+    """The alignment gain written to a synthetic run's metrics.jsonl at ``step``."""
+    return (ALIGNMENTS.index(alignment) - 1) * 0.1 + 0.01 * seed + 0.001 * step
+
+
+def write_metrics(run_dir: Path, alignment: str, seed: int) -> None:
+    """metrics.jsonl as irm_hpc.train writes it: step records, eval records at steps 10 and 20."""
+    lines = []
+    for step in range(1, FINAL_STEP + 1):
+        rec = {"step": step, "loss": 4.0, "lr": 1e-3}
+        if step % 10 == 0:
+            gain = planted_gain(alignment, seed, step)
+            rec.update(eval_target_loss=4.0 - gain, eval_other_loss=4.0, eval_target_base_loss=4.0,
+                       eval_other_base_loss=4.0, alignment_gain=gain)
+        lines.append(json.dumps(rec))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 21, \"alignment_gain\"")  # torn last line
+
+
 def write_sweep(root: Path, extra_tasks: tuple = ()) -> Path:
     tasks = []
     for a in ALIGNMENTS:
         for s in SEEDS:
             tid = f"{a}-s{s}-all"
             write_run(root / "runs" / tid, a, s)
+            write_metrics(root / "runs" / tid, a, s)
             tasks.append({"index": len(tasks), "task_id": tid, "alignment": a, "seed": s, "layer_set": "all",
                           "out_dir": f"runs/{tid}", "overrides": []})
     tasks += list(extra_tasks)
@@ -176,6 +195,19 @@ def test_seed_and_base_controls(summary):
     assert [o["index"] for o in b["top_outliers"][:2]] == list(BASE_OUTLIERS)
     assert b["consensus_in_top_outliers"] == [BASE_OUTLIERS[0]]
     assert {"pearson", "spearman", "pearson_p"} <= set(b["correlation"])
+
+
+def test_alignment_gain_per_run_and_alignment(summary, sweep):
+    for run in summary["runs"]:
+        a, seed = run["alignment"], run["seed"]
+        assert run["alignment_gain"] == pytest.approx(planted_gain(a, seed))
+        assert run["eval_step"] == FINAL_STEP and [h[0] for h in run["gain_history"]] == [10, 20]
+    g = summary["controls"]["alignment_gain"]
+    assert g["available"] and g["n_runs"] == 6
+    assert g["per_alignment"]["anger"]["mean"] == pytest.approx(np.mean([planted_gain("anger", s) for s in SEEDS]))
+    assert g["positive"] == 4  # joy (0.02, 0.03) and sadness (0.12, 0.13); anger is negative
+    report = (sweep / "analysis" / "report.md").read_text()
+    assert "alignment gain" in report and "positive in 4 of 6 runs" in report
 
 
 def test_skipped_runs_reported(summary):

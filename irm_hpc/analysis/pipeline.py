@@ -132,6 +132,8 @@ def _run_entry(r: RunResult, params: Params) -> dict:
     sig = [int(i) for i in order if s.significant[i]]
     top = [int(i) for i in order[:TOP_INDICES]]
     meta = r.prof.meta
+    evals = meta.get("evals") or []  # profiles mapped before evals were stored have none
+    final_eval = evals[-1] if evals else {}
     return {
         "name": r.name, "path": meta.get("path"), "alignment": r.prof.alignment, "seed": r.prof.seed,
         "layer_set": r.prof.layer_set, "injection_layers": r.prof.injection_layers, "n_inj": len(r.prof.injection_layers),
@@ -141,7 +143,33 @@ def _run_entry(r: RunResult, params: Params) -> dict:
         "n_init_artifacts": int(sum(1 for i in sig if s0 is not None and s0.significant[i])),
         "step0_n_striations": int(s0.significant.sum()) if s0 is not None else None,
         "striations": [row(i) for i in sig], "top_indices": [row(i) for i in top],
+        "alignment_gain": final_eval.get("alignment_gain"), "eval_step": final_eval.get("step"),
+        "eval_target_loss": final_eval.get("eval_target_loss"), "eval_other_loss": final_eval.get("eval_other_loss"),
+        "gain_history": [[e["step"], e["alignment_gain"]] for e in evals],
     }
+
+
+def _gain_controls(entries: list[dict]) -> dict:
+    """Alignment gain (nats/token, each run's last eval) per alignment, and its Spearman correlation with
+    the run's number of striations (do runs that learned the alignment striate more?)."""
+    from scipy.stats import spearmanr
+
+    runs = [e for e in entries if e["alignment_gain"] is not None]
+    if not runs:
+        return {"available": False}
+    per_alignment = {}
+    for a in sorted({e["alignment"] for e in runs}):
+        g = np.array([e["alignment_gain"] for e in runs if e["alignment"] == a])
+        per_alignment[a] = {"runs": len(g), "mean": _f(g.mean()), "min": _f(g.min()), "max": _f(g.max()),
+                            "positive": int((g > 0).sum())}
+    gains = np.array([e["alignment_gain"] for e in runs])
+    out = {"available": True, "n_runs": len(runs), "mean": _f(gains.mean()), "positive": int((gains > 0).sum()),
+           "per_alignment": per_alignment, "spearman_vs_n_striations": None}
+    n_sig = np.array([e["n_striations"] for e in runs])
+    if len(runs) >= 3 and np.ptp(gains) > 0 and np.ptp(n_sig) > 0:
+        r, p = spearmanr(gains, n_sig)
+        out["spearman_vs_n_striations"] = {"r": _f(r), "p": _f(p)}
+    return out
 
 
 def _consensus(results: list[RunResult], params: Params) -> dict:
@@ -339,7 +367,8 @@ def build_summary(results: list[RunResult], params: Params, skipped: list[dict])
                       "step0_consensus": cons["step0_consensus"],
                       "run_striations_total": int(sum(e["n_striations"] for e in entries)),
                       "run_init_artifacts_total": int(sum(e["n_init_artifacts"] for e in entries))},
-            "seeds": _seed_controls(results)},
+            "seeds": _seed_controls(results),
+            "alignment_gain": _gain_controls(entries)},
         "base_model": {k: v for k, v in base.items() if k not in ("profile", "per_layer", "z")},
         "notes": [],
         "_arrays": {"profiles": profiles, "pearson": corr["pearson"], "share": cons["share"],

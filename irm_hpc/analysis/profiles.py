@@ -226,6 +226,34 @@ class _NoData(Exception):
     pass
 
 
+EVAL_KEYS = ("alignment_gain", "eval_target_loss", "eval_other_loss", "eval_target_base_loss", "eval_other_base_loss")
+
+
+def training_evals(run_path: PathLike) -> list[dict]:
+    """The run's eval records from ``metrics.jsonl`` (``irm_hpc.train``): one dict per eval with
+    ``step`` and ``EVAL_KEYS`` (losses in nats/token; ``alignment_gain`` = how much the IRM lowered the
+    target-alignment loss minus how much it lowered the other labels' loss). ``run_path`` is a run dir,
+    its ``record/`` dir or its HDF5 file. Returns ``[]`` when the run has no metrics file (e.g. a bare
+    HDF5 copied elsewhere); unparsable lines (a crash mid-write) are skipped."""
+    path = Path(run_path)
+    run_dir = path.parent if path.is_file() else path
+    if run_dir.name == "record":
+        run_dir = run_dir.parent
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    evals = []
+    for line in metrics.read_text(errors="replace").splitlines():
+        if "alignment_gain" not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        evals.append({"step": int(rec["step"]), **{k: rec.get(k) for k in EVAL_KEYS}})
+    return evals
+
+
 def _reduce_run(run, ref: RunRef, params: Params) -> tuple[dict, dict]:
     m = run.meta
     n_inj, hidden = len(m.injection_layers), m.hidden_size
@@ -262,7 +290,7 @@ def _reduce_run(run, ref: RunRef, params: Params) -> tuple[dict, dict]:
         "train_last_steps": [int(steps[i]) for i in last], "train_step0_records": int(len(zero_rec)),
         "final_probe_step": final_probe, "n_probe_tokens": int(n_tok),
         "probe_tokens": {g: int(c) for g, c in zip(GROUPS, counts)},
-        "has_base": base is not None, "params": params.as_dict(),
+        "has_base": base is not None, "params": params.as_dict(), "evals": training_evals(ref.path),
     }
     if final_probe is None and not len(trained):
         raise _NoData("only step-0 records so far (the untrained IRM); no trained records to analyse yet")

@@ -124,11 +124,17 @@ def render(s: dict) -> str:
     # runs
     out += ["## Runs", ""]
     out.append(_table(["run", "alignment", "seed", "layer set", "n_inj", "source", "final probe step",
-                       "final train step", "striations", "init artifacts", "step-0 striations", "top indices"],
+                       "final train step", "alignment gain", "striations", "init artifacts", "step-0 striations",
+                       "top indices"],
                       [[r["name"], r["alignment"], r["seed"], r["layer_set"], r["n_inj"], r["source"],
-                        r["final_probe_step"], r["final_train_step"], r["n_striations"], r["n_init_artifacts"],
-                        r["step0_n_striations"], ", ".join(str(t["index"]) for t in r["top_indices"])]
+                        r["final_probe_step"], r["final_train_step"], _fmt(r.get("alignment_gain")), r["n_striations"],
+                        r["n_init_artifacts"], r["step0_n_striations"],
+                        ", ".join(str(t["index"]) for t in r["top_indices"])]
                        for r in s["runs"]]))
+    out.append("")
+    out.append("`alignment gain`: at the run's last eval, how much the IRM lowered the eval loss on the "
+               "target alignment minus how much it lowered it on the other labels (nats/token; > 0 = moved "
+               "toward the alignment, not only toward the data's register).")
     out.append("")
     out += ["### Per-run striation tables", "",
             "Indices whose vertical continuity exceeds chance (BH-adjusted permutation p < alpha); "
@@ -190,6 +196,17 @@ def render(s: dict) -> str:
                             ", ".join(map(str, x["in_all_seeds"][:12])) or "-",
                             ", ".join(map(str, x["in_one_seed_only"][:12])) or "-"] for x in ctl["seeds"]["groups"]]))
     out.append("")
+    g = ctl.get("alignment_gain") or {}
+    if g.get("available"):
+        sp = g.get("spearman_vs_n_striations") or {}
+        out.append(f"Alignment gain (nats/token, last eval; {g['n_runs']} runs): mean {_fmt(g['mean'])}, "
+                   f"positive in {g['positive']} of {g['n_runs']} runs. Spearman correlation of a run's gain "
+                   f"with its number of striations: {_fmt(sp.get('r'))} (p {_fmt(sp.get('p'))}).")
+        out.append("")
+        out.append(_table(["alignment", "runs", "mean gain", "min", "max", "runs with gain > 0"],
+                          [[a, x["runs"], _fmt(x["mean"]), _fmt(x["min"]), _fmt(x["max"]), x["positive"]]
+                           for a, x in g["per_alignment"].items()]))
+        out.append("")
 
     # base model
     b = s["base_model"]
