@@ -81,6 +81,7 @@ class TrainConfig:
     eval_every: int = 20
     eval_batches: int = 4
     checkpoint_every: int = 20
+    keep_checkpoints: int = 2  # newest DeepSpeed checkpoint tags kept on disk (0 = keep every tag)
     log_every: int = 1
     grad_clip: float = 1.0
     progress: bool = True

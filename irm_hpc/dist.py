@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,6 +35,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's ephemeral (client) port range, ``net.ipv4.ip_local_port_range`` (Linux default
+    32768-60999); ``(32768, 60999)`` where it cannot be read."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def job_master_port(job_id: str, low: int = 20000) -> int:
+    """A rendezvous port for a multi-rank Slurm job, the same on every rank (seeded by ``job_id``, as
+    submitit's ``TorchDistributedEnvironment``), but drawn below the ephemeral range: submitit draws from
+    20000-60000, where the port may already be held by some process's outgoing connection, and the
+    rendezvous then fails with EADDRINUSE (seen once in a 200-task sweep on one host). Falls back to
+    20000-60000 when the ephemeral range starts at or below ``low``."""
+    eph_low, _ = ephemeral_port_range()
+    high = eph_low - 1 if eph_low > low + 1000 else 60000
+    return random.Random(str(job_id)).randint(low, high)
 
 
 def configure_accelerator() -> None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -19,12 +20,24 @@ import submitit
 
 
 def _export_dist_env() -> None:
-    """Set RANK/WORLD_SIZE/MASTER_ADDR/... from submitit's job environment when running under submitit."""
+    """Set RANK/WORLD_SIZE/MASTER_ADDR/... from submitit's job environment when running under submitit.
+
+    Ranks come from ``submitit.helpers.TorchDistributedEnvironment``. The rendezvous port: a free
+    loopback port for a one-rank task (nothing else needs to know it), else ``dist.job_master_port``
+    (same on every rank, below the ephemeral port range) unless ``MASTER_PORT`` was set by the user.
+    """
+    from irm_hpc.dist import free_port, job_master_port
+
     try:
-        submitit.JobEnvironment()
+        job = submitit.JobEnvironment()
     except RuntimeError:
         return  # not inside a submitit job: torchrun or a plain process set (or need) nothing
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    env = submitit.helpers.TorchDistributedEnvironment()
+    if env.world_size == 1:
+        env.master_addr, env.master_port = "127.0.0.1", free_port()
+    elif "MASTER_PORT" not in os.environ:
+        env.master_port = job_master_port(job.job_id)
+    env.export(set_cuda_visible_devices=False, overwrite=True)
 
 
 class TrainTask(submitit.helpers.Checkpointable):

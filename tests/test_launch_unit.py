@@ -155,3 +155,30 @@ def test_manifest_lock_excludes_other_processes(tmp_path):
         waited = time.monotonic() - t0
     proc.join()
     assert waited > 0.5, f"lock was not exclusive (waited {waited:.2f} s)"
+
+
+SLURM_ENV = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "1234", "SLURM_ARRAY_JOB_ID": "1200",
+             "SLURM_ARRAY_TASK_ID": "34", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]"}
+
+
+@pytest.mark.parametrize("ntasks", [1, 2])
+def test_rendezvous_port_of_array_tasks(monkeypatch, ntasks):
+    """One rank: a free loopback port (no clash with other tasks on the host); several ranks: the same
+    job-seeded port on every rank, below the ephemeral port range."""
+    from irm_hpc.dist import ephemeral_port_range, job_master_port
+    from irm_hpc.jobs import _export_dist_env
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {**SLURM_ENV, "SLURM_NTASKS": str(ntasks), "SLURM_JOB_NUM_NODES": str(ntasks)}.items():
+        monkeypatch.setenv(key, value)
+    _export_dist_env()
+    port = int(os.environ["MASTER_PORT"])
+    assert os.environ["WORLD_SIZE"] == str(ntasks)
+    if ntasks == 1:
+        assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+    else:
+        assert os.environ["MASTER_ADDR"] == "n1" and port == job_master_port("1200_34")
+        assert 20000 <= port < ephemeral_port_range()[0]
+    assert [job_master_port(f"7_{i}") for i in range(3)] == [job_master_port(f"7_{i}") for i in range(3)]

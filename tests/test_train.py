@@ -33,17 +33,17 @@ def assert_finished(out: Path, steps: int) -> dict:
     return weights
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_zero_stage_trains_and_lowers_loss(tsv_data, tmp_path, stage):
+@pytest.mark.parametrize("stage, keep, tags", [("zero2", 0, (3, 6, 9, 12)), ("zero3", 2, (9, 12))])
+def test_zero_stage_trains_and_lowers_loss(tsv_data, tmp_path, stage, keep, tags):
     out = tmp_path / stage
     res = run_module("irm_hpc.train", tiny_overrides(tsv_data, out, f"deepspeed={stage}", "train.max_steps=12",
-                                                      "record.enabled=false"))
+                                                      "record.enabled=false", f"train.keep_checkpoints={keep}"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert_finished(out, 12)
     loss = [m["loss"] for m in metrics(out) if "tokens_per_s" in m]
     assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3, f"loss did not go down: {loss}"
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
-    assert ckpts == ["global_step00000003", "global_step00000006", "global_step00000009", "global_step00000012"]
+    assert ckpts == [f"global_step{t:08d}" for t in tags], "keep_checkpoints=0 keeps every tag, N the newest N"
     done = json.loads((out / "DONE").read_text())
     assert {"alignment_gain", "eval_target_loss", "eval_other_loss"} <= done.keys()
 
@@ -83,6 +83,8 @@ def test_kill_and_resume_equals_uninterrupted(tsv_data, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from checkpoint" in res.stderr, killed_at
     w_ref, w_res = assert_finished(ref, 300), assert_finished(out, 300)
+    assert sorted(p.name for p in (out / "checkpoints").glob("global_step*")) == ["global_step00000280",
+                                                                                   "global_step00000300"]
     diff = max((w_ref[k] - w_res[k]).abs().max().item() for k in w_ref)
     assert diff <= 1e-5, f"resumed weights differ by {diff} (killed after {killed_at})"
     with open_run(out) as run, open_run(ref) as ref_run:
@@ -109,3 +111,17 @@ def test_intra_op_threads_follows_slurm_allocation(monkeypatch):
     assert intra_op_threads(5) == 5  # train.threads wins over the allocation
     with pytest.raises(ValueError, match="train.threads"):
         intra_op_threads(0)
+
+
+def test_prune_checkpoints_keeps_newest_and_latest(tmp_path):
+    from irm_hpc.train import prune_checkpoints
+
+    for step in (5, 10, 15, 20):
+        (tmp_path / f"global_step{step:08d}").mkdir()
+    (tmp_path / "latest").write_text("global_step00000005")  # e.g. the newer tags failed to load
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["global_step00000010"]
+    assert sorted(p.name for p in tmp_path.glob("global_step*")) == [
+        "global_step00000005", "global_step00000015", "global_step00000020"]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        prune_checkpoints(tmp_path, keep=0)

@@ -23,6 +23,7 @@ def run_cli(capsys, args) -> tuple[int, str]:
         (["model=gpt5"], "valid model presets: llama2_7b_chat, smollm2_135m, tiny_random"),
         (["alignment=rage"], "alignment 'rage' not in"),
         (["irm.layers=[0,7]"], "injection layer 7 is out of range: the model has 4 layers"),
+        (["train.keep_checkpoints=-1"], "train.keep_checkpoints must be >= 0 (0 keeps every tag), got -1"),
         (["data.path=/nonexistent/x.tsv"], "data file not found: /nonexistent/x.tsv"),
         (["model=smollm2_135m", "model.path=/nonexistent/dir"], "GGUF file not found"),
     ],
