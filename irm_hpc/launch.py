@@ -122,10 +122,19 @@ def create_sweep(cfg: DictConfig, kind: str, name: Optional[str]) -> Manifest:
     return manifest
 
 
+AXIS_KEYS = ("alignment=", "seed=")  # typed by the sweep config already; they cannot break a compose
+
+
 def validate_tasks(tasks: list[Task]) -> None:
-    """Compose every task's training config now, so a bad override fails before anything is submitted."""
+    """Compose the training config of each distinct task (overrides apart from ``alignment=`` and
+    ``seed=``) now, so a bad override fails before anything is submitted. Raises ``ConfigError``.
+    One compose takes ~75 ms: composing all 200 tasks of a 5 x 40 sweep took ~15 s of its submit time."""
+    seen: set[tuple[str, ...]] = set()
     for task in tasks:
-        load_config("train", [*task.overrides, f"out_dir={task.out_dir}"])
+        key = tuple(o for o in task.overrides if not o.startswith(AXIS_KEYS))
+        if key not in seen:
+            seen.add(key)
+            load_config("train", [*task.overrides, f"out_dir={task.out_dir}"])
 
 
 def submit_slurm(manifest: Manifest, cluster: DictConfig, tasks: list[Task], reason: str) -> dict:
