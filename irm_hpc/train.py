@@ -213,7 +213,7 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
     """Delete all but the ``keep`` newest DeepSpeed checkpoint tags (``global_stepNNNNNNNN`` dirs) in
     ``ckpt_dir``; the tag named by ``latest`` is always kept. DeepSpeed never removes old tags, and each
     holds the IRM's fp32 weights plus Adam moments (~16 bytes per IRM parameter: 0.6 GB for SmolLM2 over
-    30 layers, ~26 GB for Llama-2-7B over 32). Returns the removed tag dirs. Raises ``ValueError`` if
+    30 layers, ~32 GiB for Llama-2-7B over 32). Returns the removed tag dirs. Raises ``ValueError`` if
     ``keep`` < 1."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
