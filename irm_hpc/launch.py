@@ -3,10 +3,10 @@
 On Slurm the training tasks go out as ONE job array through submitit (``executor.batch()``), each task a
 DeepSpeed run with ``tasks_per_node`` ranks (ranks from submitit's ``TorchDistributedEnvironment``). The
 striation analysis follows as a map array (``cluster.analysis_runs_per_task`` runs per task,
-``--dependency=afterany:<train array>``) and a reduce job (``afterany:<map array>``). The launcher writes ``runs/<sweep>-<timestamp>/manifest.json``,
-prints the sweep directory, the job ids and the status/resume commands, and exits without waiting
-(unless ``--wait``). Without ``sbatch`` (``--cluster local``) one local submitit job runs the tasks in
-order, then the analysis.
+``--dependency=afterany:<train array>``) and a reduce job (``afterany:<map array>``). The launcher
+writes ``runs/<sweep>-<timestamp>/manifest.json``, prints the sweep directory, the job ids and the
+status/resume commands, and exits without waiting (unless ``--wait``). Without ``sbatch``
+(``--cluster local``) one local submitit job runs the tasks in order, then the analysis.
 """
 
 from __future__ import annotations

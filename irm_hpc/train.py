@@ -393,7 +393,7 @@ class Trainer:
         if self.recorder is not None:
             self.recorder.checkpoint(step)
         state = {"step": step, "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state()}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"global_step{step:08d}", client_state=state)
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"{TAG_PREFIX}{step:08d}", client_state=state)
         keep = int(self.cfg.train.keep_checkpoints)
         if keep:
             if self.dist.world_size > 1:
