@@ -1,7 +1,7 @@
 """Hydra structured configs for irm_hpc.
 
 Dataclasses are registered in hydra's ``ConfigStore`` as schemas (``*_schema``); the YAML presets in the
-top-level ``configs/`` directory (groups ``model``, ``data``, ``deepspeed``, ``train``, ``record``,
+package's ``irm_hpc/configs/`` directory (groups ``model``, ``data``, ``deepspeed``, ``train``, ``record``,
 ``cluster``, ``sweep``) fill them in. ``MISSING`` marks fields a preset must set. Composition follows
 hydra's compose API (``hydra.compose``), so ``key=value`` overrides work as on any hydra app, and a
 misspelled key fails in struct mode.
@@ -20,10 +20,13 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from irm_hpc.errors import IrmError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: in the wheel too
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
+class ConfigError(IrmError, ValueError):
     """Bad user configuration (unknown key, bad value, missing path). The message is one line."""
 
 
@@ -173,7 +176,7 @@ class LaunchConfig:
 def register_configs() -> None:
     """Register the structured schemas in hydra's ConfigStore and the ``repo_root`` resolver (idempotent)."""
     if not OmegaConf.has_resolver("repo_root"):
-        OmegaConf.register_new_resolver("repo_root", lambda: str(CONFIG_DIR.parent))
+        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)

@@ -22,8 +22,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from irm_hpc.errors import IrmError
 
-class DataError(ValueError):
+
+class DataError(IrmError, ValueError):
     """Bad data source or selection (one-line message naming the problem and the fix)."""
 
 

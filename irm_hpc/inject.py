@@ -23,10 +23,11 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from irm_hpc.errors import IrmError
 from irm_hpc.irm import IRM
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(IrmError, ValueError):
     """The model's decoder layers cannot be hooked (no ``self_attn``)."""
 
 

@@ -23,6 +23,7 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from irm_hpc.config import CONFIG_DIR, ConfigError, load_config, to_yaml
+from irm_hpc.errors import IrmError
 from irm_hpc.jobs import AnalysisMapTask, AnalysisReduceTask, LocalSweep, TrainTask
 from irm_hpc.manifest import Manifest, ManifestError, Task, expand_tasks, load_manifest, locked
 
@@ -30,7 +31,7 @@ EXECUTORS = ("auto", "local", "debug", "slurm")
 LAUNCH_KEYS = ("sweep", "cluster", "runs_root")  # other key=value overrides go to every training task
 
 
-class LaunchError(RuntimeError):
+class LaunchError(IrmError, RuntimeError):
     """A sweep cannot be submitted (one-line message naming the problem and the fix)."""
 
 

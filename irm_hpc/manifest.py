@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+from irm_hpc.errors import IrmError
+
 MANIFEST_VERSION = 1
 
 
-class ManifestError(ValueError):
+class ManifestError(IrmError, ValueError):
     """Not a sweep directory, unreadable manifest, or a manifest of a newer schema (one line)."""
 
 

@@ -26,10 +26,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from irm_hpc.errors import IrmError
+
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(IrmError, ValueError):
     """The model or tokenizer cannot be found or loaded (one-line message with the fix)."""
 
 

@@ -31,6 +31,7 @@ from irm_hpc import __version__
 from irm_hpc.config import ConfigError, load_config, require, to_yaml
 from irm_hpc.data import AlignmentData, DataError, ResumableSampler, batches, collate, load_alignment, tokenize
 from irm_hpc.dist import DistInfo, init_distributed, intra_op_threads, log0, setup_logging
+from irm_hpc.errors import IrmError
 from irm_hpc.inject import capture_residuals, decoder_layers, inject, layer_set_layers, resolve_layers
 from irm_hpc.irm import IRM
 from irm_hpc.models import ModelLoadError, load_model
@@ -50,7 +51,7 @@ DEFAULT_PROMPTS = [
 KEEP_CONFIG_KEYS = ("model", "data", "irm", "train.micro_batch_size", "train.grad_accum_steps", "alignment", "seed")
 
 
-class TrainError(RuntimeError):
+class TrainError(IrmError, RuntimeError):
     """A training run cannot start or continue (one-line message)."""
 
 

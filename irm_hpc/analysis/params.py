@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Union
 
+from irm_hpc.errors import IrmError
 
-class AnalysisError(RuntimeError):
+
+class AnalysisError(IrmError, RuntimeError):
     """Nothing (or not this run) can be analysed: one-line message naming the input and the fix.
 
     The CLI turns it into ``error: <message>`` and exit status 2.

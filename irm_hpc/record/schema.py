@@ -11,6 +11,8 @@ from typing import Any, Optional, Union
 import h5py
 import numpy as np
 
+from irm_hpc.errors import IrmError
+
 try:  # registers the Zstd / Blosc / Bitshuffle HDF5 filters with h5py (needed to write AND read them)
     import hdf5plugin
 except ImportError:  # gzip / lzf / None still work; plugin compressions raise a ValueError naming the fix
@@ -18,7 +20,6 @@ except ImportError:  # gzip / lzf / None still work; plugin compressions raise a
 
 from irm_hpc import __version__
 from irm_hpc.record._util import _h5_open, _one_line
-
 
 SCHEMA_VERSION = 1
 FINAL_NAME = "injections.h5"
@@ -50,7 +51,7 @@ META_DEFAULTS = {"package_version": __version__, "git_commit": ""}
 PathLike = Union[str, Path]
 
 
-class RecordError(RuntimeError):
+class RecordError(IrmError, RuntimeError):
     """A record file/dir cannot be written or read; one-line message naming the file, problem and fix."""
 
 
