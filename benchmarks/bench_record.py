@@ -255,7 +255,7 @@ def bench_train(d: Path, blocks: int = 3, steps_per_block: int = 10) -> dict:
     """Training-step time (SmolLM2, CPU, ZeRO-2) with the recorder on vs off, in interleaved blocks.
 
     One Trainer; "on" = the production path (profile every ``record.every_steps`` = 5 steps handed to
-    the background writer, zstd); "off" = ``trainer.recorder = None``. Probe events (generation on the
+    the background writer, zstd); "off" = ``trainer.recording.recorder = None``. Probe events (generation on the
     probe prompts, at step 0 and at the end) are timed separately: they are per run, not per step.
     """
     import statistics
@@ -266,10 +266,10 @@ def bench_train(d: Path, blocks: int = 3, steps_per_block: int = 10) -> dict:
 
     cfg = load_config("train", [f"out_dir={d / 'train_run'}", "train.progress=false", "record.every_steps=5"])
     trainer = Trainer(cfg, init_distributed())
-    trainer.open_recorder(0)
-    recorder = trainer.recorder
+    trainer.recording.open(0)
+    recorder = trainer.recording.recorder
     t0 = time.perf_counter()
-    trainer.run_probe(0)
+    trainer.recording.probe(0, trainer.irm)
     recorder.checkpoint(0)
     probe_s = time.perf_counter() - t0
     times: dict[str, list[float]] = {"on": [], "off": []}
@@ -277,11 +277,11 @@ def bench_train(d: Path, blocks: int = 3, steps_per_block: int = 10) -> dict:
     trainer.train_step(step)  # warm-up
     for _ in range(blocks):
         for mode in ("on", "off"):
-            trainer.recorder = recorder if mode == "on" else None
+            trainer.recording.recorder = recorder if mode == "on" else None
             for _ in range(steps_per_block):
                 step += 1
                 times[mode].append(trainer.train_step(step)["step_time_s"])
-    trainer.recorder = recorder
+    trainer.recording.recorder = recorder
     recorder.close()
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     mean_on, mean_off = statistics.fmean(times["on"]), statistics.fmean(times["off"])

@@ -25,7 +25,7 @@ from irm_hpc.data import collate, load_alignment
 from irm_hpc.dist import init_distributed
 from irm_hpc.irm import IRM
 from irm_hpc.models import load_model
-from irm_hpc.train import IRMLoss, deepspeed_config
+from irm_hpc.components.engine import IRMLoss, deepspeed_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.json"
 

@@ -20,14 +20,10 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from irm_hpc.errors import IrmError
+from irm_hpc.errors import ConfigError  # noqa: F401  (re-exported: irm_hpc.config.ConfigError)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: in the wheel too
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ConfigError(IrmError, ValueError):
-    """Bad user configuration (unknown key, bad value, missing path). The message is one line."""
 
 
 @dataclass
@@ -50,7 +46,7 @@ class DataConfig:
 
     name: str = MISSING
     path: str = MISSING  # local file/dir, or HF dataset name when format == "hf"
-    format: str = "auto"  # auto | goemotions | tsv | csv | jsonl | parquet | hf | synthetic
+    format: str = "auto"  # auto | goemotions | tsv | csv | jsonl | parquet | hf
     split: str = "train"
     text_column: str = "text"
     label_column: str = "label"
@@ -85,6 +81,8 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 20
     keep_checkpoints: int = 2  # newest DeepSpeed checkpoint tags kept on disk (0 = keep every tag)
+    keep_checkpoints_done: int = 1  # tags kept once the run is DONE (0 = none: irm.safetensors holds the weights)
+    tensorboard: bool = True  # TensorBoard event files in <out_dir>/tensorboard (torch.utils.tensorboard)
     log_every: int = 1
     grad_clip: float = 1.0
     progress: bool = True
@@ -104,7 +102,6 @@ class DeepSpeedConfig:
 class RecordConfig:
     enabled: bool = True
     every_steps: int = 5
-    probe_every_steps: int = 0  # 0 = only at the start and at the end
     max_new_tokens: int = 8
     prompts: list[str] = field(default_factory=list)  # empty = the paper's seven prompts
     dtype: str = "float16"

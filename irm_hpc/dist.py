@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from irm_hpc.errors import ConfigError
+
 log = logging.getLogger("irm_hpc")
 
 
@@ -69,11 +71,11 @@ def intra_op_threads(requested: int | None) -> int | None:
 
     ``requested`` (``train.threads``) wins; otherwise Slurm's ``SLURM_CPUS_PER_TASK`` (the CPUs the job
     was allocated per task), so that array tasks sharing a node do not each start one thread per core
-    of the machine; otherwise ``None`` (keep torch's default). Raises ``ValueError`` for a count < 1.
+    of the machine; otherwise ``None`` (keep torch's default). Raises ``ConfigError`` for a count < 1.
     """
     if requested is not None:
         if int(requested) < 1:
-            raise ValueError(f"train.threads must be >= 1 or null, got {requested}")
+            raise ConfigError(f"train.threads must be >= 1 or null, got {requested}")
         return int(requested)
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     return int(slurm) if slurm.isdigit() and int(slurm) >= 1 else None

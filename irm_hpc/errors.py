@@ -6,7 +6,7 @@ fix. Every entry point (``irm-hpc <stage>``, ``python -m irm_hpc.<stage>``) catc
 prints ``error: <message>`` on stderr and exits 2 (:func:`cli_errors`); anything else is a bug and keeps
 its traceback.
 
-Subclasses live beside the code that raises them: ``config.ConfigError``, ``data.DataError``,
+``ConfigError`` is defined here; the other subclasses live beside the code that raises them: ``data.DataError``,
 ``models.ModelLoadError``, ``inject.UnsupportedArchitectureError``, ``train.TrainError``,
 ``manifest.ManifestError``, ``launch.LaunchError``, ``record.RecordError``, ``analysis.AnalysisError``.
 Most also derive from ``ValueError`` or ``RuntimeError``, as before, so existing ``except`` clauses hold.
@@ -20,6 +20,14 @@ from typing import Callable, Optional
 
 class IrmError(Exception):
     """Base class of every irm_hpc user-facing error; ``str(exc)`` is one line: problem, then fix."""
+
+
+class ConfigError(IrmError, ValueError):
+    """Bad user configuration (unknown key, bad value, bad layer index, missing path). One line.
+
+    Defined here rather than in ``irm_hpc.config`` so that light modules (``inject``, ``irm``, ``dist``)
+    raise it without importing hydra; ``irm_hpc.config.ConfigError`` is the same class.
+    """
 
 
 def one_line(exc: BaseException, *, with_type: bool = False) -> str:

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from irm_hpc.errors import IrmError
+from irm_hpc.errors import ConfigError, IrmError
 from irm_hpc.irm import IRM
 
 
@@ -58,7 +58,7 @@ def injection_site(layer: nn.Module) -> nn.Module:
 def resolve_layers(n_model_layers: int, layers: Optional[list[int]]) -> list[int]:
     """Validate injection layer indices against the model's depth; ``None`` means every layer.
 
-    Negative indices count from the end. Raises ``ValueError`` naming the model's layer count.
+    Negative indices count from the end. Raises ``ConfigError`` (a ``ValueError``) naming the model's layer count.
     """
     if layers is None:
         return list(range(n_model_layers))
@@ -66,7 +66,7 @@ def resolve_layers(n_model_layers: int, layers: Optional[list[int]]) -> list[int
     for i in layers:
         j = int(i) + n_model_layers if int(i) < 0 else int(i)
         if not 0 <= j < n_model_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"injection layer {i} is out of range: the model has {n_model_layers} layers (0..{n_model_layers - 1})"
             )
         out.append(j)
@@ -77,7 +77,7 @@ def layer_set_layers(spec: str, n_model_layers: int) -> list[int]:
     """Injection layers of a named layer set, scaled to the model's depth (the seed paper's sets).
 
     ``all``; ``q1``..``q4``: the four contiguous quarters; ``every<K>``: layers 0, K, 2K, ...;
-    or explicit indices ``"0,5,10"``. Raises ``ValueError`` naming the valid forms.
+    or explicit indices ``"0,5,10"``. Raises ``ConfigError`` (a ``ValueError``) naming the valid forms.
     """
     spec = str(spec).strip()
     n = n_model_layers
@@ -93,7 +93,7 @@ def layer_set_layers(spec: str, n_model_layers: int) -> list[int]:
     except ValueError as exc:
         if "out of range" in str(exc):
             raise
-    raise ValueError(f"unknown layer set '{spec}': use all, q1..q4, every<K> or comma-separated layer indices")
+    raise ConfigError(f"unknown layer set '{spec}': use all, q1..q4, every<K> or comma-separated layer indices")
 
 
 def _attn_output(out):
@@ -112,14 +112,12 @@ class Injector:
         enabled: the paper's activate/deactivate switch; when False the model runs unchanged.
         keep_injections: keep the last call's vectors in ``last_injection`` (training needs them).
         last_injection: (batch, seq, n_layers, hidden) vectors of the last forward call, or None.
-        last_resid: (batch, seq, hidden) layer-0 post-attention residual of the last call, or None.
     """
 
     irm: IRM
     enabled: bool = True
     keep_injections: bool = True
     last_injection: Optional[torch.Tensor] = None
-    last_resid: Optional[torch.Tensor] = None
     handles: list = field(default_factory=list)
     _layer0_input: Optional[torch.Tensor] = None
 
@@ -144,7 +142,7 @@ def inject(model: nn.Module, irm: IRM, enabled: bool = True, keep_injections: bo
 
     Raises:
         UnsupportedArchitectureError: the model's layers cannot be hooked.
-        ValueError: an injection layer is out of the model's range.
+        ConfigError: an injection layer is out of the model's range.
     """
     layers = decoder_layers(model)
     resolve_layers(len(layers), irm.injection_layers)
@@ -163,7 +161,7 @@ def inject(model: nn.Module, irm: IRM, enabled: bool = True, keep_injections: bo
         # select per layer (each select's backward materialises a full-size zero gradient)
         current["parts"] = v.unbind(dim=-2)
         if state.keep_injections:
-            state.last_injection, state.last_resid = v, resid
+            state.last_injection = v
 
     def make_site_hook(layer_idx: int):
         def hook(_module, _args, out):

@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from irm_hpc.errors import ConfigError
+
 
 class IRM(nn.Module):
     """Injectable Realignment Model.
@@ -26,18 +28,18 @@ class IRM(nn.Module):
         depth: number of hidden Linear(w, w) + ReLU blocks (paper: 3).
 
     Raises:
-        ValueError: empty or duplicated ``injection_layers``, non-positive sizes.
+        ConfigError (a ValueError): empty or duplicated ``injection_layers``, non-positive sizes.
     """
 
     def __init__(self, hidden_size: int, injection_layers: Sequence[int], width_multiplier: int = 3, depth: int = 3):
         super().__init__()
         layers = [int(i) for i in injection_layers]
         if not layers:
-            raise ValueError("IRM needs at least one injection layer")
+            raise ConfigError("IRM needs at least one injection layer")
         if len(set(layers)) != len(layers):
-            raise ValueError(f"duplicate injection layers: {layers}")
+            raise ConfigError(f"duplicate injection layers: {layers}")
         if hidden_size <= 0 or width_multiplier <= 0 or depth < 0:
-            raise ValueError(f"bad IRM sizes: hidden={hidden_size} width_multiplier={width_multiplier} depth={depth}")
+            raise ConfigError(f"bad IRM sizes: hidden={hidden_size} width_multiplier={width_multiplier} depth={depth}")
         self.hidden_size = hidden_size
         self.injection_layers = sorted(layers)
         width = width_multiplier * hidden_size

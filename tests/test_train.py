@@ -19,6 +19,8 @@ from irm_hpc.record import open_run
 
 from conftest import REPO, clean_env, run_module, tiny_overrides
 
+from irm_hpc.components.tracking import read_scalars
+
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -33,11 +35,12 @@ def assert_finished(out: Path, steps: int) -> dict:
     return weights
 
 
-@pytest.mark.parametrize("stage, keep, tags", [("zero2", 0, (3, 6, 9, 12)), ("zero3", 2, (9, 12))])
-def test_zero_stage_trains_and_lowers_loss(tsv_data, tmp_path, stage, keep, tags):
+@pytest.mark.parametrize("stage, keep, keep_done, tags", [("zero2", 0, 10, (3, 6, 9, 12)), ("zero3", 2, 2, (9, 12))])
+def test_zero_stage_trains_and_lowers_loss(tsv_data, tmp_path, stage, keep, keep_done, tags):
     out = tmp_path / stage
     res = run_module("irm_hpc.train", tiny_overrides(tsv_data, out, f"deepspeed={stage}", "train.max_steps=12",
-                                                      "record.enabled=false", f"train.keep_checkpoints={keep}"))
+                                                      "record.enabled=false", f"train.keep_checkpoints={keep}",
+                                                      f"train.keep_checkpoints_done={keep_done}"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert_finished(out, 12)
     loss = [m["loss"] for m in metrics(out) if "tokens_per_s" in m]
@@ -62,7 +65,7 @@ def test_two_cpu_ranks_zero2(tsv_data, tmp_path):
 
 def test_kill_and_resume_equals_uninterrupted(tsv_data, tmp_path):
     extra = ("train.max_steps=300", "train.checkpoint_every=20", "train.eval_every=0", "record.every_steps=5",
-             "record.probe_every_steps=0", "train.micro_batch_size=2")
+             "train.micro_batch_size=2", "train.keep_checkpoints_done=2")
     ref = tmp_path / "ref"
     res = run_module("irm_hpc.train", tiny_overrides(tsv_data, ref, *extra))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -90,6 +93,45 @@ def test_kill_and_resume_equals_uninterrupted(tsv_data, tmp_path):
     with open_run(out) as run, open_run(ref) as ref_run:
         assert run.steps.tolist() == list(range(0, 301, 5)), f"HDF5 steps after resume: {run.steps.tolist()}"
         assert np.allclose(run.profiles_abs[:], ref_run.profiles_abs[:], atol=1e-3)
+    # TensorBoard after the resume: every step once (purge_step dropped the killed run's later events),
+    # the same losses as metrics.jsonl, which the uninterrupted run also logged
+    tb = read_scalars(out / "tensorboard")["train/loss"]
+    assert [s for s, _ in tb] == list(range(1, 301))
+    logged = {m["step"]: m["loss"] for m in metrics(out) if "tokens_per_s" in m}
+    assert all(abs(v - logged[s]) <= 1e-5 * max(1.0, abs(v)) for s, v in tb)
+
+
+def test_finished_run_is_lean_and_tracked(tsv_data, tmp_path):
+    """Default train.keep_checkpoints_done=1: the final tag and irm.safetensors stay, older tags go; the
+    TensorBoard events hold every step's loss and the final alignment gain."""
+    out = tmp_path / "lean"
+    res = run_module("irm_hpc.train", tiny_overrides(tsv_data, out, "train.max_steps=9", "train.keep_checkpoints=0",
+                                                      "record.enabled=false"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_finished(out, 9)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["global_step00000009"]
+    assert "freed" in res.stderr
+    scalars = read_scalars(out / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 10))
+    final = json.loads((out / "DONE").read_text())
+    (step, gain), = [p for p in scalars["eval/alignment_gain"] if p[0] == 9]
+    assert abs(gain - final["alignment_gain"]) < 1e-5 and {"train/lr", "train/tokens_per_s"} <= scalars.keys()
+
+
+def test_keep_checkpoints_done_zero_leaves_weights_only(tsv_data, tmp_path):
+    out = tmp_path / "weights-only"
+    args = tiny_overrides(tsv_data, out, "train.max_steps=6", "train.keep_checkpoints_done=0", "record.enabled=false",
+                          "train.tensorboard=false")
+    res = run_module("irm_hpc.train", args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_finished(out, 6)
+    assert not (out / "checkpoints").exists() and not (out / "tensorboard").exists()
+    stamp = (out / "irm.safetensors").stat().st_mtime_ns
+    assert run_module("irm_hpc.train", args).returncode == 0, "a finished run is not retrained"
+    assert (out / "irm.safetensors").stat().st_mtime_ns == stamp
+    bad = run_module("irm_hpc.train", tiny_overrides(tsv_data, tmp_path / "bad", "train.keep_checkpoints_done=-1"))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: train.keep_checkpoints_done")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_finished_out_dir_is_not_retrained(tsv_data, tmp_path):
@@ -114,7 +156,7 @@ def test_intra_op_threads_follows_slurm_allocation(monkeypatch):
 
 
 def test_prune_checkpoints_keeps_newest_and_latest(tmp_path):
-    from irm_hpc.train import prune_checkpoints
+    from irm_hpc.components.checkpoint import prune_checkpoints
 
     for step in (5, 10, 15, 20):
         (tmp_path / f"global_step{step:08d}").mkdir()

@@ -1,0 +1,134 @@
+"""DeepSpeed checkpoints of a run: tags, save/load with the client state, retention, resume decision.
+
+Tags are ``global_step{step:08d}`` under ``<out_dir>/checkpoints`` (DeepSpeed's ``save_checkpoint`` /
+``load_checkpoint``, which follow the ``latest`` file). DeepSpeed never removes old tags, and one tag
+holds the IRM's fp32 weights plus Adam moments (~16 bytes per IRM parameter: 608 MB for SmolLM2 over 30
+layers, ~32 GiB for Llama-2-7B over 32), so this module prunes: ``train.keep_checkpoints`` while
+training, ``train.keep_checkpoints_done`` once the run has finished (``irm.safetensors`` then holds the
+weights).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from irm_hpc.errors import ConfigError, IrmError
+from irm_hpc.layout import RunDir
+
+TAG_PREFIX = "global_step"
+# Settings a resumed run must share with the run in its out_dir (else the checkpoint means nothing).
+KEEP_CONFIG_KEYS = ("model", "data", "irm", "train.micro_batch_size", "train.grad_accum_steps", "alignment", "seed")
+
+
+class CheckpointError(IrmError, RuntimeError):
+    """An out_dir or checkpoint cannot be used (one line naming it and the fix)."""
+
+
+def tag_name(step: int) -> str:
+    """The DeepSpeed checkpoint tag of optimizer step ``step``: ``global_step00000060``."""
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def list_tags(ckpt_dir: Path) -> list[Path]:
+    """The checkpoint tag dirs in ``ckpt_dir``, oldest first."""
+    return sorted(d for d in ckpt_dir.glob(f"{TAG_PREFIX}*") if d.is_dir() and d.name[len(TAG_PREFIX):].isdigit())
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size in bytes of the regular files below ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest DeepSpeed checkpoint tags in ``ckpt_dir``; the tag named by
+    ``latest`` is always kept. Returns the removed tag dirs. Raises ``ValueError`` if ``keep`` < 1."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    tags = list_tags(ckpt_dir)
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    removed = [d for d in tags[:-keep] if d.name != latest]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed
+
+
+def check_keep_settings(cfg_train) -> None:
+    """Raise ``ConfigError`` for a negative ``train.keep_checkpoints`` / ``train.keep_checkpoints_done``."""
+    for key in ("keep_checkpoints", "keep_checkpoints_done"):
+        if int(cfg_train[key]) < 0:
+            raise ConfigError(f"train.{key} must be >= 0 (0 keeps {'every tag' if key == 'keep_checkpoints' else 'none'}), "
+                              f"got {cfg_train[key]}")
+
+
+def resume_mode(cfg: DictConfig, run: RunDir) -> str:
+    """Decide what to do with the run dir: ``"fresh"``, ``"resume"`` or ``"done"``.
+
+    Raises ``CheckpointError`` (nothing touched) if it holds a run with a different model, data, IRM,
+    alignment, seed or batch shape, or files that are not an irm_hpc run.
+    """
+    out_dir = run.root
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return "fresh"
+    if not run.config.is_file():
+        raise CheckpointError(f"out_dir {out_dir} is not empty and holds no irm_hpc run (no {run.config.name}); "
+                              "choose another out_dir")
+    old = OmegaConf.load(run.config)
+    for key in KEEP_CONFIG_KEYS:
+        if OmegaConf.select(old, key) != OmegaConf.select(cfg, key):
+            raise CheckpointError(f"out_dir {out_dir} holds a run with a different '{key}'; choose another out_dir "
+                                  "or restore its config")
+    return "done" if run.is_done() else "resume"
+
+
+class Checkpointer:
+    """Save and load the DeepSpeed engine of one run, with its client state, and prune old tags.
+
+    ``world_size``/``is_main`` come from the run's ``DistInfo``; pruning happens on rank 0 after a
+    barrier, once every rank has written its shards of the new tag.
+    """
+
+    def __init__(self, engine, run: RunDir, keep: int, keep_done: int, world_size: int, is_main: bool):
+        self.engine, self.dir = engine, run.checkpoints
+        self.keep, self.keep_done = int(keep), int(keep_done)
+        self.world_size, self.is_main = world_size, is_main
+
+    def save(self, step: int, client_state: dict) -> None:
+        """Write tag ``global_step{step:08d}`` (collective), then keep the newest ``keep`` tags (0 = all)."""
+        self.engine.save_checkpoint(str(self.dir), tag=tag_name(step), client_state=client_state)
+        if self.keep:
+            if self.world_size > 1:
+                torch.distributed.barrier()  # every rank's shards of the new tag are written
+            if self.is_main:
+                prune_checkpoints(self.dir, self.keep)
+
+    def load(self) -> Optional[dict]:
+        """Load the tag ``latest`` names (collective); its client state, or None without a checkpoint.
+
+        Raises ``CheckpointError`` if the latest tag cannot be loaded.
+        """
+        if not (self.dir / "latest").is_file():
+            return None
+        path, state = self.engine.load_checkpoint(str(self.dir))
+        if path is None:
+            raise CheckpointError(f"cannot load the latest checkpoint in {self.dir}; remove the bad tag or the "
+                                  "'latest' file")
+        return state
+
+    def finish(self) -> int:
+        """After ``DONE`` is written (rank 0): keep the newest ``keep_done`` tags; 0 removes the checkpoint
+        dir (the run cannot be continued then, ``irm.safetensors`` keeps the weights). Returns bytes freed."""
+        if not self.is_main or not self.dir.is_dir():
+            return 0
+        if self.keep_done == 0:
+            freed = dir_bytes(self.dir)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return freed
+        tags = list_tags(self.dir)
+        freed = sum(dir_bytes(d) for d in tags[:-self.keep_done])
+        prune_checkpoints(self.dir, self.keep_done)
+        return freed
