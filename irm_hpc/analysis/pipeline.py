@@ -14,10 +14,11 @@ import numpy as np
 
 from irm_hpc.analysis import clustering as cl
 from irm_hpc.analysis import stats as st
-from irm_hpc.analysis.discover import MANIFEST, discover_runs, read_manifest, safe_name, warn
+from irm_hpc.analysis.discover import discover_runs, read_manifest, safe_name, warn
 from irm_hpc.analysis.params import AnalysisError, Params, parse_params
 from irm_hpc.analysis.profiles import (SKIP_SUFFIX, RunProfile, load_profile, map_run, prefetch, profiles_dir,
                                        record_files)
+from irm_hpc.layout import SweepDir
 
 SUMMARY_SCHEMA = "irm_hpc.analysis/1"
 TOP_INDICES = 5  # non-significant context rows per run in the summary
@@ -64,7 +65,7 @@ def _load_runs(out: Path, params: Params, skipped: list[dict]) -> list[RunProfil
 def _note_unmapped(out: Path, runs: list[RunProfile], skipped: list[dict]) -> None:
     """If ``out`` is ``<sweep>/analysis``, list the sweep's tasks that have neither a profile nor a skip note."""
     sweep = out.resolve().parent
-    if not (sweep / MANIFEST).is_file():
+    if not SweepDir(sweep).manifest.is_file():
         return
     try:
         tasks = read_manifest(sweep)

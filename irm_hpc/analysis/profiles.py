@@ -34,6 +34,7 @@ import numpy as np
 from irm_hpc.analysis.discover import RunRef, ref_for_path, safe_name
 from irm_hpc.analysis.params import AnalysisError, Params, parse_params
 from irm_hpc.analysis import stats as st
+from irm_hpc.layout import RECORD_SEG_GLOB, RunDir, atomic_path, atomic_write_json
 
 PROFILE_VERSION = 1
 PROFILES_DIR = "profiles"
@@ -72,24 +73,18 @@ def _derive_layer_set(layers: list[int], n_layers: int, config_yaml: str) -> str
 
 
 def _atomic_savez(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
+    """``np.savez`` to ``path`` atomically (`irm_hpc.layout.atomic_path`; not fsynced, as before: a torn
+    profile after a power loss is reported by `load_profile` and re-mapped)."""
+    with atomic_path(path, durable=False) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _skip(out: Path, ref: RunRef, reason: str) -> AnalysisError:
     """Write ``<name>.skipped.json`` (the reduce lists it), drop a stale npz; return the error to raise."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{ref.name}.npz").unlink(missing_ok=True)
-    marker = out / f"{ref.name}{SKIP_SUFFIX}"
-    tmp = marker.with_name(marker.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"name": ref.name, "path": str(ref.path), "reason": reason}) + "\n")
-    os.replace(tmp, marker)
+    atomic_write_json(out / f"{ref.name}{SKIP_SUFFIX}", {"name": ref.name, "path": str(ref.path), "reason": reason})
     return AnalysisError(f"{ref.path}: {reason}")
 
 
@@ -164,14 +159,15 @@ def prefetch(paths) -> None:
 
 
 def record_files(path: PathLike) -> list[Path]:
-    """The HDF5 files of a run path (its injections.h5, or its record/ segments), for `prefetch`."""
+    """The HDF5 files of a run path (the file itself, the run's ``injections.h5``, or its ``record/``
+    segments; `irm_hpc.layout.RunDir.record_source`), for `prefetch`. ``[]`` if it has none."""
     p = Path(path)
     if p.is_file():
         return [p]
-    if (p / "injections.h5").is_file():
-        return [p / "injections.h5"]
-    d = p / "record" if (p / "record").is_dir() else p
-    return sorted(d.glob("seg-*.h5")) if d.is_dir() else []
+    src = RunDir(p).record_source()
+    if src is None:
+        return []
+    return [src] if src.is_file() else sorted(src.glob(RECORD_SEG_GLOB))
 
 
 def _mean(s: np.ndarray, n: int) -> np.ndarray:
@@ -236,10 +232,7 @@ def training_evals(run_path: PathLike) -> list[dict]:
     its ``record/`` dir or its HDF5 file. Returns ``[]`` when the run has no metrics file (e.g. a bare
     HDF5 copied elsewhere); unparsable lines (a crash mid-write) are skipped."""
     path = Path(run_path)
-    run_dir = path.parent if path.is_file() else path
-    if run_dir.name == "record":
-        run_dir = run_dir.parent
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunDir.containing(path.parent if path.is_file() else path).metrics
     if not metrics.is_file():
         return []
     evals = []
