@@ -10,9 +10,13 @@ Per (injection layer, index) mean |injection| (float32, (n_inj, hidden) each; Na
 * ``train_step0``: mean of the profile records at step 0.
 
 Plus ``base_resid_abs`` (n_layers, hidden) (the frozen model's mean |residual| after each layer's
-attention; (0, hidden) if the run has none), ``injection_layers`` (n_inj,), the per-index striation
-statistics of the run under the map's parameters (``continuity``, ``column_score`` and their ``_step0``
-twins, (hidden,) float32; `irm_hpc.analysis.stats`) and ``meta`` (a JSON string).
+attention; (0, hidden) if the run has none), ``injection_layers`` (n_inj,), two descriptive per-index
+profiles of the matrix the statistics use (``Params.source``) under the map's ``top_k_frac``:
+``continuity`` (fraction of injection layers where the index is top-k) and ``column_score`` (mean
+per-layer z-score), with their ``_step0`` twins ((hidden,) float32, NaN when the matrix is missing or
+non-finite; `irm_hpc.analysis.stats`), and ``meta`` (a JSON string). The map runs no permutation test:
+p-values, significance and every cross-run statistic are computed by the reduce from the matrices,
+so other reduce parameters need no new map.
 
 Probe tokens are read in blocks of rows (``Params.block_rows``, default the reader's ``iter_blocks``
 size, 16 HDF5 chunks): for each block, ``|x|`` is summed per group with one float32 matrix product
@@ -288,15 +292,14 @@ def _reduce_run(run, ref: RunRef, params: Params) -> tuple[dict, dict]:
     if final_probe is None and not len(trained):
         raise _NoData("only step-0 records so far (the untrained IRM); no trained records to analyse yet")
     prof = RunProfile(ref.name, meta, arrays)
+    k = st.top_k(hidden, params.top_k_frac)
     for suffix, mat in (("", prof.matrix(params.source)[0]), ("_step0", prof.step0_matrix(params.source)[0])):
-        if mat is not None and np.isfinite(mat).all():
-            s = st.striation_stats(mat, top_k_frac=params.top_k_frac, n_permutations=params.n_permutations,
-                                   alpha=params.alpha, seed=params.seed)
-            arrays[f"continuity{suffix}"] = s.continuity.astype(np.float32)
-            arrays[f"column_score{suffix}"] = s.column_score.astype(np.float32)
-        else:
-            arrays[f"continuity{suffix}"] = np.full(hidden, np.nan, np.float32)
-            arrays[f"column_score{suffix}"] = np.full(hidden, np.nan, np.float32)
+        # descriptive only (no permutation null): the reduce recomputes every statistic from the matrices
+        ok = mat is not None and np.isfinite(mat).all()
+        arrays[f"continuity{suffix}"] = (st.continuity(st.topk_membership(mat, k)).astype(np.float32) if ok
+                                         else np.full(hidden, np.nan, np.float32))
+        arrays[f"column_score{suffix}"] = (st.column_score(mat).astype(np.float32) if ok
+                                           else np.full(hidden, np.nan, np.float32))
     return arrays, meta
 
 
