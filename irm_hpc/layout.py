@@ -44,6 +44,19 @@ DONE = "DONE"
 MANIFEST = "manifest.json"
 MANIFEST_LOCK = "manifest.lock"
 
+# Analysis output directory (<sweep>/analysis by default, or any --out DIR).
+ANALYSIS_DIR = "analysis"
+ANALYSIS_PROFILES = "profiles"
+ANALYSIS_SUMMARY = "summary.json"
+ANALYSIS_REPORT = "report.md"
+ANALYSIS_FIGURES = "figures"
+
+
+def record_segment_name(first_step: int, k: int = 0) -> str:
+    """File name of a record segment (matches ``RECORD_SEG_GLOB``): ``seg-<first_step:08d>.h5``, or
+    ``seg-<first_step:08d>-<k>.h5`` for the k-th (k >= 1) segment starting at the same step."""
+    return f"seg-{int(first_step):08d}{f'-{k}' if k else ''}.h5"
+
 
 def fsync_path(path: Path) -> None:
     """fsync a closed file or a directory by path (fsync applies to the inode, not the descriptor)."""
@@ -155,7 +168,7 @@ class SweepDir:
 
     manifest = property(lambda self: self.root / MANIFEST)
     lock = property(lambda self: self.root / MANIFEST_LOCK)
-    analysis = property(lambda self: self.root / "analysis")
+    analysis = property(lambda self: self.root / ANALYSIS_DIR)
     train_logs = property(lambda self: self.root / "logs" / "train")
     analysis_logs = property(lambda self: self.root / "logs" / "analysis")
     driver_logs = property(lambda self: self.root / "logs" / "driver")

@@ -23,6 +23,8 @@ from typing import Optional
 
 import numpy as np
 
+from irm_hpc.layout import ANALYSIS_FIGURES
+
 MAX_COLS = 1024
 DPI = 110
 
@@ -360,7 +362,7 @@ def base_outliers(path: Path, summary: dict) -> Optional[str]:
 
 def write_figures(out: Path, results: list, summary: dict, params) -> dict[str, str]:
     """Write every figure into ``out/figures``; returns {name: path relative to ``out``}."""
-    d = out / "figures"
+    d = out / ANALYSIS_FIGURES
     d.mkdir(parents=True, exist_ok=True)
     n_layers = int(summary["model"]["n_layers"])
     figs = {
@@ -372,4 +374,4 @@ def write_figures(out: Path, results: list, summary: dict, params) -> dict[str, 
     b = base_outliers(d / "base_outliers.png", summary)
     if b:
         figs["base_outliers"] = b
-    return {k: f"figures/{v}" for k, v in figs.items()}
+    return {k: f"{ANALYSIS_FIGURES}/{v}" for k, v in figs.items()}

@@ -387,7 +387,7 @@ def build_summary(results: list[RunResult], params: Params, skipped: list[dict])
 def _default_out(inputs: list) -> Path:
     first = Path(str(inputs[0])) if inputs else Path(".")
     if len(inputs) == 1 and first.is_dir() and not any(c in str(first) for c in "*?["):
-        return first / "analysis"
+        return SweepDir(first).analysis
     return Path("striation_analysis")
 
 

@@ -38,10 +38,10 @@ import numpy as np
 from irm_hpc.analysis.discover import RunRef, ref_for_path, safe_name
 from irm_hpc.analysis.params import AnalysisError, Params, parse_params
 from irm_hpc.analysis import stats as st
-from irm_hpc.layout import RECORD_SEG_GLOB, RunDir, atomic_path, atomic_write_json
+from irm_hpc.layout import ANALYSIS_PROFILES, RECORD_SEG_GLOB, RunDir, atomic_path, atomic_write_json
 
 PROFILE_VERSION = 1
-PROFILES_DIR = "profiles"
+PROFILES_DIR = ANALYSIS_PROFILES
 SKIP_SUFFIX = ".skipped.json"
 GROUPS = ("final_prompt", "final_generated", "step0_prompt", "step0_generated")
 MATRICES = ("probe_final_prompt", "probe_final_generated", "probe_final_all", "probe_step0_prompt",

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from irm_hpc.layout import atomic_write_json, atomic_write_text
+from irm_hpc.layout import ANALYSIS_REPORT, ANALYSIS_SUMMARY, atomic_write_json, atomic_write_text
 
 MAX_RUN_ROWS = 10  # striation rows per run in report.md (summary.json has all)
 
@@ -31,7 +31,7 @@ def jsonable(x: Any) -> Any:
 
 def write_summary(out: Path, summary: dict) -> Path:
     """Write ``<out>/summary.json`` (`jsonable`; keys starting with ``_`` dropped) atomically; returns its path."""
-    path = Path(out) / "summary.json"
+    path = Path(out) / ANALYSIS_SUMMARY
     atomic_write_json(path, jsonable(summary), indent=1)
     return path
 
@@ -39,7 +39,7 @@ def write_summary(out: Path, summary: dict) -> Path:
 def write_outputs(out: Path, summary: dict) -> None:
     """Write ``summary.json`` and ``report.md`` into ``out`` (each atomically, `irm_hpc.layout`)."""
     write_summary(out, summary)
-    atomic_write_text(Path(out) / "report.md", render(summary))
+    atomic_write_text(Path(out) / ANALYSIS_REPORT, render(summary))
 
 
 def _fmt(v: Any, nd: int = 3) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from irm_hpc.errors import one_line
-from irm_hpc.layout import atomic_path
+from irm_hpc.layout import atomic_path, record_segment_name
 from irm_hpc.record._util import _h5_open, _is_enospc, _shape, _to_numpy
 from irm_hpc.record.schema import (DEFAULT_COMPRESSION, DTYPES, INDEX_NAME, LIBVER, PROBE_COLUMNS, RUN_FILE,
                                    SEG_GLOB, PathLike, RecordError, _Layout, _normalize_meta, _open_h5,
@@ -338,11 +338,11 @@ class RunRecorder:
     def _segment(self, step: int) -> _Segment:
         """The open segment, created on first use and named after the first record's step."""
         if self._seg is None:
-            path = self.record_dir / f"seg-{step:08d}.h5"
+            path = self.record_dir / record_segment_name(step)
             k = 0
             while path.exists() or path.name in self._index.names():
                 k += 1
-                path = self.record_dir / f"seg-{step:08d}-{k}.h5"
+                path = self.record_dir / record_segment_name(step, k)
             self._current = path
             self._seg = _Segment(path, self._layout, self._attrs)
         return self._seg
