@@ -132,7 +132,9 @@ def ensure_data(data_dir: Path, n_runs: int, tokens: int, compression: str) -> t
                 print(f"  {k}/{len(todo)} {info['task_id']}: {info['bytes'] / 1e6:.0f} MB in {info['seconds']} s",
                       flush=True)
     sweep.mkdir(parents=True, exist_ok=True)
-    (sweep / "manifest.json").write_text(json.dumps({"schema_version": 1, "sweep": "bench", "tasks": tasks}))
+    from irm_hpc.manifest import Manifest, Task
+
+    Manifest(sweep, "bench", "local", time.time(), "", [Task(**t) for t in tasks]).save()  # as irm_hpc.launch writes it
     sizes = [(sweep / t["out_dir"] / "injections.h5").stat().st_size for t in tasks]
     raw = tokens * N_LAYERS * HIDDEN * 2
     return sweep, {"n_runs": n_runs, "tokens_per_run": tokens, "compression": compression,

@@ -51,7 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from irm_hpc import record  # noqa: E402
+from irm_hpc.layout import fsync_path  # noqa: E402
 from irm_hpc.record import RunRecorder  # noqa: E402
+from irm_hpc.record.schema import _append, _filter_kwargs, _Layout  # noqa: E402
 
 N_INJ, HIDDEN, N_LAYERS = 30, 576, 30  # SmolLM2-135M: 30 layers, hidden 576; IRM on all layers
 PROBE_TOKENS = 64  # tokens per add_probe call (one prompt + greedy tokens)
@@ -151,14 +153,14 @@ def bench_write(d: Path, reps: int = 3) -> dict:
 
 def h5_write(path: Path, data: np.ndarray, filters: dict) -> float:
     """Write ``data`` in PROBE_TOKENS appends with the recorder's chunking; seconds incl. close + fsync."""
-    layout = record._Layout(N_INJ, HIDDEN, str(data.dtype), None)
+    layout = _Layout(N_INJ, HIDDEN, str(data.dtype), None)
     t0 = time.perf_counter()
     with h5py.File(path, "w", libver=record.LIBVER, rdcc_nbytes=record.RDCC_BYTES, rdcc_w0=1.0) as f:
         ds = f.create_dataset("x", (0, N_INJ, HIDDEN), data.dtype, maxshape=(None, N_INJ, HIDDEN),
                               chunks=(layout.chunk_rows, N_INJ, HIDDEN), **filters)
         for a in range(0, len(data), PROBE_TOKENS):
-            record._append(ds, data[a:a + PROBE_TOKENS])
-    record._fsync_path(path)
+            _append(ds, data[a:a + PROBE_TOKENS])
+    fsync_path(path)
     return time.perf_counter() - t0
 
 
@@ -174,7 +176,7 @@ PLUGIN_SETTINGS = {"zstd-1+shuffle": "zstd", "zstd-3+shuffle": "zstd-3",
                    "blosc-lz4-5+bitshuffle": "blosc-lz4", "blosc-lz4-9+bitshuffle": "blosc-lz4-9",
                    "blosc-zstd-1+bitshuffle": "blosc-zstd", "blosc-zstd-3+bitshuffle": "blosc-zstd-3",
                    "bitshuffle-lz4": "bitshuffle-lz4"}
-FILTERS.update({name: record._filter_kwargs(setting) for name, setting in PLUGIN_SETTINGS.items()})
+FILTERS.update({name: _filter_kwargs(setting) for name, setting in PLUGIN_SETTINGS.items()})
 
 
 def bench_compression(d: Path, n_tok: int = 1024, reps: int = 3) -> dict:

@@ -11,18 +11,19 @@ Every stage (train, record, launch, status, resume, analysis) names files throug
       logs/{train,analysis,driver}/           submitit folders (pickles, stdout/stderr)
       analysis/                               profiles/, summary.json, report.md, figures/
 
-:func:`atomic_write_text` / :func:`atomic_write_json` are the one way this package replaces a file
-(temporary file in the same directory + fsync + ``os.replace`` + directory fsync): a reader sees the
-old file or the new one, never a torn one.
+:func:`atomic_write_text` / :func:`atomic_write_json` (text) and :func:`atomic_path` (files written by a
+library: HDF5, npz) are the one way this package replaces a file (temporary file in the same directory +
+fsync + ``os.replace`` + directory fsync): a reader sees the old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 PathLike = Union[str, Path]
 
@@ -43,6 +44,19 @@ DONE = "DONE"
 MANIFEST = "manifest.json"
 MANIFEST_LOCK = "manifest.lock"
 
+# Analysis output directory (<sweep>/analysis by default, or any --out DIR).
+ANALYSIS_DIR = "analysis"
+ANALYSIS_PROFILES = "profiles"
+ANALYSIS_SUMMARY = "summary.json"
+ANALYSIS_REPORT = "report.md"
+ANALYSIS_FIGURES = "figures"
+
+
+def record_segment_name(first_step: int, k: int = 0) -> str:
+    """File name of a record segment (matches ``RECORD_SEG_GLOB``): ``seg-<first_step:08d>.h5``, or
+    ``seg-<first_step:08d>-<k>.h5`` for the k-th (k >= 1) segment starting at the same step."""
+    return f"seg-{int(first_step):08d}{f'-{k}' if k else ''}.h5"
+
 
 def fsync_path(path: Path) -> None:
     """fsync a closed file or a directory by path (fsync applies to the inode, not the descriptor)."""
@@ -53,23 +67,36 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` (UTF-8): tmp file beside it + fsync + ``os.replace`` + dir fsync.
+@contextmanager
+def atomic_path(path: PathLike, *, durable: bool = True) -> Iterator[Path]:
+    """Context manager yielding a temporary path beside ``path``; on a clean exit the file written there
+    replaces ``path`` (``os.replace``), on an exception it is removed and ``path`` is left untouched.
 
-    The tmp name carries the pid, so concurrent writers never share one. Raises ``OSError``.
+    For files written by a library that wants a path (HDF5, npz). The tmp name is ``.<name>.<pid>.tmp``
+    (concurrent processes never share one; it ends in ``.tmp`` so record cleanup removes leftovers).
+    ``durable``: fsync the file before the rename and its directory after (survives a power loss).
+    Raises ``OSError``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_path(path.parent)
+    if durable:
+        fsync_path(path.parent)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8): tmp file beside it + fsync + ``os.replace`` + dir fsync
+    (:func:`atomic_path`). Raises ``OSError``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
 
 
 def atomic_write_json(path: PathLike, obj: Any, **dump_kw: Any) -> None:
@@ -141,7 +168,7 @@ class SweepDir:
 
     manifest = property(lambda self: self.root / MANIFEST)
     lock = property(lambda self: self.root / MANIFEST_LOCK)
-    analysis = property(lambda self: self.root / "analysis")
+    analysis = property(lambda self: self.root / ANALYSIS_DIR)
     train_logs = property(lambda self: self.root / "logs" / "train")
     analysis_logs = property(lambda self: self.root / "logs" / "analysis")
     driver_logs = property(lambda self: self.root / "logs" / "driver")

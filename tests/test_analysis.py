@@ -21,6 +21,7 @@ import pytest
 from irm_hpc.analysis import AnalysisError, Params, analyze, discover_runs, load_profile, map_run, parse_params
 from irm_hpc.analysis import stats as st
 from irm_hpc.analysis.cli import main
+from irm_hpc.manifest import Manifest, Task
 from irm_hpc.record import RunRecorder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def write_sweep(root: Path, extra_tasks: tuple = ()) -> Path:
             tasks.append({"index": len(tasks), "task_id": tid, "alignment": a, "seed": s, "layer_set": "all",
                           "out_dir": f"runs/{tid}", "overrides": []})
     tasks += list(extra_tasks)
-    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "sweep": "synthetic", "tasks": tasks}))
+    Manifest(root, "synthetic", "local", 0.0, "", [Task(**t) for t in tasks]).save()  # as irm_hpc.launch writes it
     return root
 
 

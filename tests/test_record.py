@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import irm_hpc.record as record
-from irm_hpc.record import SCHEMA_VERSION, RecordError, RunRecorder, open_run
+from irm_hpc.record import SCHEMA_VERSION, RecordError, RunRecorder, open_run, segments
+from irm_hpc.record.reader import _describe_filters
 
 N_INJ, HIDDEN, N_LAYERS = 3, 16, 6
 META = {"model_name": "HuggingFaceTB/SmolLM2-135M", "hidden_size": HIDDEN, "n_layers": N_LAYERS,
@@ -88,7 +89,7 @@ def test_round_trip_every_dataset_and_attribute(tmp_path: Path, dtype: str) -> N
         # default compression: HDF5 shuffle + Zstd level 1 (hdf5plugin filter 32015) on every numeric dataset
         for name in ("probe/injection", "profiles/mean", "probe/step"):
             assert filter_ids(f[name]) == [h5py.h5z.FILTER_SHUFFLE, 32015], name
-        assert record._describe_filters(f["probe/injection"]) == "zstd-1+shuffle"
+        assert _describe_filters(f["probe/injection"]) == "zstd-1+shuffle"
         assert f["probe/token_text"].compression == "gzip"  # vlen strings: built-in gzip
     with open_run(tmp_path) as r:
         assert r.meta.finalized and r.meta.dtype == dtype and r.meta.injection_layers == [1, 3, 5]
@@ -125,7 +126,7 @@ def test_compression_setting_round_trip(tmp_path: Path, compression, expect) -> 
         rec.finalize(tmp_path / "injections.h5")
     with h5py.File(tmp_path / "injections.h5") as f:  # plain h5py (hdf5plugin imported by irm_hpc.record)
         for name in ("profiles/mean_abs", "profiles/step", "probe/injection", "probe/is_generated"):
-            assert record._describe_filters(f[name]) == expect, name
+            assert _describe_filters(f[name]) == expect, name
         np.testing.assert_array_equal(f["probe/injection"][:], inj)
     with open_run(tmp_path / "injections.h5") as r:
         np.testing.assert_array_equal(r.profiles_abs[2], prof(2))
@@ -395,7 +396,7 @@ def test_writer_error_surfaces_as_record_error(tmp_path: Path, monkeypatch) -> N
 
     rec = recorder(tmp_path / "record")
     write_steps(rec, range(3), ckpts={2})
-    monkeypatch.setattr(record._Segment, "add_profile", disk_full)
+    monkeypatch.setattr(segments._Segment, "add_profile", disk_full)
     rec.add_profile(3, prof(3), prof(3), 1)  # never raises inside the training step itself
     with pytest.raises(RecordError) as info:
         rec.checkpoint(3)
@@ -409,7 +410,7 @@ def test_writer_error_surfaces_as_record_error(tmp_path: Path, monkeypatch) -> N
 
 
 def test_writer_error_surfaces_on_close(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(record._Segment, "add_probe", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(segments._Segment, "add_probe", lambda *a, **k: 1 / 0)
     rec = recorder(tmp_path / "record")
     rec.add_probe(0, np.zeros((1, N_INJ, HIDDEN)), [1], ["a"], 0, [0], [False])
     with pytest.raises(RecordError, match="ZeroDivisionError"):

@@ -20,6 +20,7 @@ import sys
 from typing import Optional
 
 from irm_hpc.analysis.params import AnalysisError, parse_params, valid_keys
+from irm_hpc.errors import cli_errors
 
 COMMANDS = ("analyze", "map", "reduce")
 
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run the CLI; returns the exit status (0, or 2 with ``error: <one line>`` on stderr)."""
+    """Run the CLI; returns the exit status: 0, or 2 with ``error: <one line>`` on stderr for a bad argument
+    or any `irm_hpc.errors.IrmError` (`AnalysisError` above all; `irm_hpc.errors.cli_errors`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["analyze", *argv]
@@ -67,30 +69,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cmd is None:
         ap.print_usage(sys.stderr)
         return 2
-    try:
-        inputs, over = _split([*getattr(args, "items", []), *extra])
-        params = parse_params(over)
-        if args.cmd == "analyze":
-            from irm_hpc.analysis.pipeline import analyze
+    return cli_errors(lambda: _run(args, extra))
 
-            s = analyze(inputs, args.out, params, progress=not args.no_progress)
-            _print_result(s)
-        elif args.cmd == "map":
-            from irm_hpc.analysis.profiles import map_run
 
-            if len(inputs) != 1:
-                raise AnalysisError(f"map takes exactly one RUN (got {len(inputs)}: {inputs})")
-            print(map_run(inputs[0], args.out, params, name=args.name))
-        else:
-            if inputs:
-                raise AnalysisError(f"reduce takes no inputs besides key=value parameters (got {inputs})")
-            from irm_hpc.analysis.pipeline import reduce_runs
+def _run(args: argparse.Namespace, extra: list[str]) -> None:
+    """One command; raises AnalysisError (or another IrmError) for anything the user can fix."""
+    inputs, over = _split([*getattr(args, "items", []), *extra])
+    params = parse_params(over)
+    if args.cmd == "analyze":
+        from irm_hpc.analysis.pipeline import analyze
 
-            _print_result(reduce_runs(args.out, params))
-    except AnalysisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        _print_result(analyze(inputs, args.out, params, progress=not args.no_progress))
+    elif args.cmd == "map":
+        from irm_hpc.analysis.profiles import map_run
+
+        if len(inputs) != 1:
+            raise AnalysisError(f"map takes exactly one RUN (got {len(inputs)}: {inputs})")
+        print(map_run(inputs[0], args.out, params, name=args.name))
+    else:
+        if inputs:
+            raise AnalysisError(f"reduce takes no inputs besides key=value parameters (got {inputs})")
+        from irm_hpc.analysis.pipeline import reduce_runs
+
+        _print_result(reduce_runs(args.out, params))
 
 
 def _print_result(s: dict) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import re
 import sys
 from dataclasses import dataclass
@@ -11,10 +10,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from irm_hpc.analysis.params import AnalysisError
-
-FINAL_NAME = "injections.h5"  # irm_hpc.record.FINAL_NAME
-RECORD_DIRNAME = "record"  # irm_hpc.record.RECORD_DIRNAME
-MANIFEST = "manifest.json"
+from irm_hpc.errors import one_line
+from irm_hpc.layout import INJECTIONS, RECORD_DIR, RunDir, SweepDir
 
 PathLike = Union[str, Path]
 
@@ -53,64 +50,47 @@ def safe_name(text: str) -> str:
 
 
 def has_record(p: Path) -> bool:
-    """True if ``p`` is an HDF5 file, or a dir holding ``injections.h5`` or a record segment dir."""
-    if p.is_file():
-        return True
-    if (p / FINAL_NAME).is_file():
-        return True
-    for d in (p, p / RECORD_DIRNAME):
-        if d.is_dir() and ((d / "index.json").is_file() or (d / "run.h5").is_file() or any(d.glob("seg-*.h5"))):
-            return True
-    return False
+    """True if ``p`` is a file (an HDF5 record, checked when opened), or a dir holding ``injections.h5`` or a
+    record segment dir (itself or its ``record/``): `irm_hpc.layout.RunDir.has_record`."""
+    return p.is_file() or RunDir(p).has_record()
 
 
 def _default_name(p: Path) -> str:
-    """Label of a run path: the run dir's name (for ``.../<run>/injections.h5`` and ``.../<run>/record``)."""
-    if p.is_file() and p.name == FINAL_NAME:
-        return p.parent.name
-    if p.name == RECORD_DIRNAME:
-        return p.parent.name
-    return p.stem if p.is_file() else p.name
+    """Label of a run path: the run dir's name (for ``.../<run>/injections.h5`` and ``.../<run>/record``),
+    else the file's stem or the dir's name."""
+    return p.stem if p.is_file() and p.name != INJECTIONS else RunDir.containing(p).root.name
 
 
 def _run_dir_of(p: Path) -> Path:
-    """The run directory (out_dir) containing the record at ``p``."""
-    if p.is_file() and p.name == FINAL_NAME:
-        return p.parent
-    if p.name == RECORD_DIRNAME:
-        return p.parent
-    return p
+    """The run directory (out_dir) containing the record at ``p``: the run dir of ``injections.h5`` or
+    ``record/``; any other HDF5 file stands for itself (bare files copied into one dir are distinct runs)."""
+    return p if p.is_file() and p.name != INJECTIONS else RunDir.containing(p).root
 
 
 def read_manifest(sweep_dir: Path) -> list[dict]:
-    """Tasks of ``<sweep_dir>/manifest.json`` (schema: docs/architecture.md "Sweep manifest"); each with
-    ``task_id``, ``alignment``, ``seed``, ``layer_set`` and ``out_dir`` resolved against the sweep dir.
-    Raises AnalysisError if the manifest is unreadable."""
-    file = sweep_dir / MANIFEST
+    """Tasks of ``<sweep_dir>/manifest.json`` (`irm_hpc.manifest.load_manifest`; schema:
+    docs/architecture.md "Sweep manifest"), each a dict with ``task_id``, ``alignment``, ``seed``,
+    ``layer_set`` and ``out_dir`` (absolute: `irm_hpc.manifest.Manifest.task_dir`).
+
+    Raises AnalysisError (one line) if the manifest is unreadable, of a newer schema or malformed.
+    """
+    from irm_hpc.manifest import ManifestError, load_manifest
+
+    file = SweepDir(sweep_dir).manifest
     try:
-        data = json.loads(file.read_text())
-        tasks = list(data["tasks"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AnalysisError(f"{file}: unreadable sweep manifest ({type(exc).__name__}: {exc}); "
+        m = load_manifest(sweep_dir)
+    except (ManifestError, KeyError, TypeError, AttributeError) as exc:  # load_manifest lets the last 3 through
+        raise AnalysisError(f"{file}: unreadable sweep manifest ({one_line(exc, with_type=True)}); "
                             "pass the run dirs or their injections.h5 files instead") from None
-    out = []
-    for i, t in enumerate(tasks):
-        if not isinstance(t, dict):
-            continue
-        task_id = str(t.get("task_id", t.get("index", i)))
-        od = Path(str(t.get("out_dir") or Path("runs") / task_id))
-        if not od.is_absolute():
-            od = sweep_dir / od
-        out.append({"task_id": task_id, "alignment": t.get("alignment"), "seed": t.get("seed"),
-                    "layer_set": t.get("layer_set"), "out_dir": od})
-    return out
+    return [{"task_id": t.task_id, "alignment": t.alignment, "seed": t.seed, "layer_set": t.layer_set,
+             "out_dir": m.task_dir(t)} for t in m.tasks]
 
 
 def _manifest_ref(p: Path) -> Optional[RunRef]:
     """RunRef with the manifest's task fields if ``p`` is a task dir of a sweep (manifest up to 3 levels up)."""
     run_dir = _run_dir_of(p).resolve()
     for sweep in list(run_dir.parents)[:3]:
-        if (sweep / MANIFEST).is_file():
+        if SweepDir(sweep).manifest.is_file():
             try:
                 tasks = read_manifest(sweep)
             except AnalysisError:
@@ -153,7 +133,7 @@ def _expand(item: PathLike, skipped: list[dict]) -> list[RunRef]:
         skipped.append({"path": s, "reason": "no such file or directory"})
         warn(f"skipping {s}: no such file or directory")
         return []
-    if p.is_dir() and (p / MANIFEST).is_file():
+    if p.is_dir() and SweepDir(p).manifest.is_file():
         refs = []
         for t in read_manifest(p):
             od = t["out_dir"]
@@ -171,9 +151,9 @@ def _expand(item: PathLike, skipped: list[dict]) -> list[RunRef]:
         return [ref_for_path(p)]
     # a plain directory: every run below it (finalized files first, then still-training record dirs)
     found: dict[Path, Path] = {}
-    for f in sorted(p.rglob(FINAL_NAME)):
+    for f in sorted(p.rglob(INJECTIONS)):
         found[f.parent.resolve()] = f.parent
-    for d in sorted(p.rglob(RECORD_DIRNAME)):
+    for d in sorted(p.rglob(RECORD_DIR)):
         if d.is_dir() and d.parent.resolve() not in found and has_record(d):
             found[d.parent.resolve()] = d.parent
     if not found:

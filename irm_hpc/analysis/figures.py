@@ -7,7 +7,8 @@
 * ``correlation.png``: cross-run Pearson correlation of the per-index profiles, ordered by an
   average-linkage dendrogram on 1 - r.
 * ``striation_scores.png``: share of runs in which each index is a significant striation (final and
-  step 0), consensus and alignment-specific indices marked; mean column score per index.
+  step 0), consensus and alignment-specific indices marked and labelled without overlaps; mean column
+  score per index; legend and the alignment-specific indices per alignment in a side panel.
 * ``base_outliers.png``: the base model's mean |residual| per index (mean over layers) with its top
   outlier dimensions and the consensus striations marked; consensus profile vs base profile.
 
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from irm_hpc.layout import ANALYSIS_FIGURES
 
 MAX_COLS = 1024
 DPI = 110
@@ -171,36 +174,125 @@ def correlation(path: Path, summary: dict) -> str:
     return _save(fig, path)
 
 
+# label offsets from the point (points), in order of preference: right, left, then further up / down
+LABEL_OFFSETS = [(dx, dy) for dy in (3, 13, -11, 23, -21, 33, 43, 53) for dx in (3, -3)]
+MARKER_HALF = 3.0  # points: half the size of a labelled point's marker (an obstacle for other labels)
+MAX_SPECIFIC_LABELS = 40  # alignment-specific points labelled on the plot (highest share first); all are marked
+MAX_LISTED = 10  # alignment-specific indices listed per alignment in the side panel
+MAX_LINES = 30  # lines of that list (fontsize 7 fits ~35 below the legend)
+
+
+def _place_labels(ax, labels: list[tuple[float, float, str, str]], fontsize: float, n_required: int) -> None:
+    """Annotate ``(x, y, text, color)`` points without overlaps: each label, in order, takes the first
+    offset of LABEL_OFFSETS (text right of the point for dx > 0, left of it for dx < 0) whose box (text
+    plus a margin of 0.4 x fontsize) lies inside the axes and overlaps neither a label placed before nor
+    another labelled point's marker (greedy; boxes measured by the renderer, so the figure layout must be
+    final). A label moved 10 points or more off its point gets a thin leader line. If no offset fits, the
+    first ``n_required`` labels take the first offset anyway; the others are left out (their points stay
+    marked)."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    margin = 0.4 * fontsize * fig.dpi / 72.0  # pixels
+
+    def label(x: float, y: float, text: str, color: str, off: tuple[int, int]):
+        leader = dict(arrowstyle="-", lw=0.5, color=color, shrinkA=0, shrinkB=3) if abs(off[1]) >= 10 else None
+        ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=off, fontsize=fontsize, color=color,
+                          ha="left" if off[0] >= 0 else "right", va="center", arrowprops=leader,
+                          bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75))
+        ann.set_in_layout(False)
+        ann.update_positions(renderer)
+        return ann, Text.get_window_extent(ann, renderer).padded(margin)  # the text alone, not the leader
+
+    r = MARKER_HALF * fig.dpi / 72.0
+    markers = []  # the labelled points' markers are obstacles too (a label must not hide another point)
+    for x, y, *_ in labels:
+        px, py = ax.transData.transform((x, y))
+        markers.append(Bbox.from_extents(px - r, py - r, px + r, py + r))
+    placed = []
+    for k, (x, y, text, color) in enumerate(labels):
+        others = placed + markers[:k] + markers[k + 1:]
+        for off in LABEL_OFFSETS:
+            ann, box = label(x, y, text, color, off)
+            inside = box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in others):
+                placed.append(box)
+                break
+            ann.remove()
+        else:
+            if k < n_required:
+                placed.append(label(x, y, text, color, LABEL_OFFSETS[0])[1])
+
+
+def _specific_text(specific: list[dict]) -> str:
+    """Side-panel text: the alignment-specific indices per alignment, in the summary's order (most
+    replicated first), at most MAX_LISTED per alignment and MAX_LINES lines in all."""
+    import textwrap
+
+    by: dict[str, list[int]] = {}
+    for e in specific:
+        by.setdefault(e["alignment"], []).append(int(e["index"]))
+    lines = ["alignment-specific indices", "(orange squares):"]
+    for a in sorted(by):
+        idx = by[a]
+        more = f" +{len(idx) - MAX_LISTED}" if len(idx) > MAX_LISTED else ""
+        lines += textwrap.wrap(f"{a}: {', '.join(map(str, idx[:MAX_LISTED]))}{more}", 30, subsequent_indent="    ")
+    if len(lines) > MAX_LINES:
+        lines = lines[:MAX_LINES - 1] + ["... (all in report.md)"]
+    return "\n".join(lines)
+
+
 def striation_scores(path: Path, summary: dict) -> str:
+    """Share of runs in which each index is a significant striation (top; final and step 0) and the mean
+    column score per index (bottom). Consensus / init-artifact indices are labelled on the plot,
+    alignment-specific ones marked and labelled with their index (once per index, whatever the number of
+    alignments; the MAX_SPECIFIC_LABELS most shared); the legend and the per-alignment list of alignment-specific indices sit in a side panel,
+    outside the axes. Labels are placed without overlaps (`_place_labels`; an alignment-specific label that
+    finds no free place is left out, its index stays in the side list)."""
+    from matplotlib.lines import Line2D
+
     arr = summary["_arrays"]
     share, share0 = np.asarray(arr["share"]), np.asarray(arr["share0"])
     score = np.asarray(arr["mean_column_score"])
     cons = summary["consensus"]
     idx = np.arange(len(share))
-    fig = _fig(11.0, 6.0)
-    ax = fig.add_subplot(2, 1, 1)
-    ax.vlines(idx, 0, share, color="tab:blue", lw=1.0, label="final")
+    fig = _fig(12.5, 6.0)
+    gs = fig.add_gridspec(2, 2, width_ratios=[5.0, 1.2])
+    ax = fig.add_subplot(gs[0, 0])
+    ax2 = fig.add_subplot(gs[1, 0], sharex=ax)
+    side = fig.add_subplot(gs[:, 1])
+    side.axis("off")
+    ax.vlines(idx, 0, share, color="tab:blue", lw=1.0)
+    handles = [Line2D([], [], color="tab:blue", lw=1.0, label="final")]
     if summary["controls"]["step0"]["available"]:
-        ax.plot(idx, share0, "_", color="tab:gray", ms=4, label="step 0 (untrained IRM)")
-    ax.axhline(cons["share_threshold"], color="k", ls=":", lw=0.8, label="consensus share")
+        ax.plot(idx, share0, "_", color="tab:gray", ms=4)
+        handles.append(Line2D([], [], color="tab:gray", marker="_", ls="none", ms=6, label="step 0 (untrained IRM)"))
+    ax.axhline(cons["share_threshold"], color="k", ls=":", lw=0.8)
+    handles.append(Line2D([], [], color="k", ls=":", lw=0.8, label="consensus share"))
+    handles += [Line2D([], [], color="tab:red", marker="o", ls="none", ms=6, label="consensus (learned)"),
+                Line2D([], [], color="tab:gray", marker="v", ls="none", ms=6, label="consensus, init artifact"),
+                Line2D([], [], color="tab:orange", marker="s", ls="none", ms=5, label="alignment-specific")]
+    labels = []
     for e in cons["indices"]:
         i = e["index"]
         art = e["control"] == "init_artifact"
-        ax.plot(i, share[i], "v" if art else "o", color="tab:gray" if art else "tab:red", ms=6)
-        ax.annotate(f"{i}{' (init)' if art else ''}", (i, share[i]), textcoords="offset points", xytext=(3, 3),
-                    fontsize=7, color="tab:gray" if art else "tab:red")
-    for e in cons["alignment_specific"]:
-        i = e["index"]
+        color = "tab:gray" if art else "tab:red"
+        ax.plot(i, share[i], "v" if art else "o", color=color, ms=6)
+        labels.append((i, share[i], f"{i}{' (init)' if art else ''}", color))
+    cons_idx = {e["index"] for e in cons["indices"]}
+    spec = sorted({e["index"] for e in cons["alignment_specific"]} - cons_idx)
+    for i in spec:
         ax.plot(i, share[i], "s", color="tab:orange", ms=5)
-        ax.annotate(f"{i} ({e['alignment']})", (i, share[i]), textcoords="offset points", xytext=(3, -9),
-                    fontsize=6, color="tab:orange")
+    for i in sorted(sorted(spec, key=lambda i: -share[i])[:MAX_SPECIFIC_LABELS]):  # the most shared ones
+        labels.append((i, share[i], str(i), "tab:orange"))
     ax.set_ylabel("share of runs significant", fontsize=8)
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.12)
     ax.set_xlim(-1, len(share))
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(f"Striations: BH p < {summary['params']['alpha']} per run (red: consensus, grey: init artifact, "
-                 "orange: alignment-specific)", fontsize=9)
-    ax2 = fig.add_subplot(2, 1, 2, sharex=ax)
+    ax.set_title(f"Striations: share of runs in which an index is significant (BH p < {summary['params']['alpha']})",
+                 fontsize=9)
     ax2.vlines(idx, 0, score, color="tab:green", lw=0.8)
     for e in cons["indices"]:
         ax2.plot(e["index"], score[e["index"]], "o", color="tab:red", ms=4)
@@ -208,6 +300,13 @@ def striation_scores(path: Path, summary: dict) -> str:
     ax2.set_xlabel("index (hidden dim)", fontsize=8)
     for a in (ax, ax2):
         a.tick_params(labelsize=7)
+    side.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 1.0), fontsize=7, frameon=False,
+                borderaxespad=0.0)
+    if cons["alignment_specific"]:
+        side.text(0.0, 0.62, _specific_text(cons["alignment_specific"]), transform=side.transAxes, va="top",
+                  ha="left", fontsize=7, color="0.15", family="monospace")
+    fig.canvas.draw()  # fix the layout, then place the labels in display coordinates
+    _place_labels(ax, labels, 7, n_required=len(cons["indices"]))
     return _save(fig, path)
 
 
@@ -263,7 +362,7 @@ def base_outliers(path: Path, summary: dict) -> Optional[str]:
 
 def write_figures(out: Path, results: list, summary: dict, params) -> dict[str, str]:
     """Write every figure into ``out/figures``; returns {name: path relative to ``out``}."""
-    d = out / "figures"
+    d = out / ANALYSIS_FIGURES
     d.mkdir(parents=True, exist_ok=True)
     n_layers = int(summary["model"]["n_layers"])
     figs = {
@@ -275,4 +374,4 @@ def write_figures(out: Path, results: list, summary: dict, params) -> dict[str, 
     b = base_outliers(d / "base_outliers.png", summary)
     if b:
         figs["base_outliers"] = b
-    return {k: f"figures/{v}" for k, v in figs.items()}
+    return {k: f"{ANALYSIS_FIGURES}/{v}" for k, v in figs.items()}

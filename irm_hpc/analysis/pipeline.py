@@ -14,10 +14,11 @@ import numpy as np
 
 from irm_hpc.analysis import clustering as cl
 from irm_hpc.analysis import stats as st
-from irm_hpc.analysis.discover import MANIFEST, discover_runs, read_manifest, safe_name, warn
+from irm_hpc.analysis.discover import discover_runs, read_manifest, safe_name, warn
 from irm_hpc.analysis.params import AnalysisError, Params, parse_params
 from irm_hpc.analysis.profiles import (SKIP_SUFFIX, RunProfile, load_profile, map_run, prefetch, profiles_dir,
                                        record_files)
+from irm_hpc.layout import SweepDir
 
 SUMMARY_SCHEMA = "irm_hpc.analysis/1"
 TOP_INDICES = 5  # non-significant context rows per run in the summary
@@ -43,7 +44,7 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------- loading
-def _load_runs(out: Path, params: Params, skipped: list[dict]) -> list[RunProfile]:
+def _load_runs(out: Path, skipped: list[dict]) -> list[RunProfile]:
     pdir = profiles_dir(out)
     for marker in sorted(pdir.glob(f"*{SKIP_SUFFIX}")):
         try:
@@ -64,7 +65,7 @@ def _load_runs(out: Path, params: Params, skipped: list[dict]) -> list[RunProfil
 def _note_unmapped(out: Path, runs: list[RunProfile], skipped: list[dict]) -> None:
     """If ``out`` is ``<sweep>/analysis``, list the sweep's tasks that have neither a profile nor a skip note."""
     sweep = out.resolve().parent
-    if not (sweep / MANIFEST).is_file():
+    if not SweepDir(sweep).manifest.is_file():
         return
     try:
         tasks = read_manifest(sweep)
@@ -115,7 +116,7 @@ def _f(x, nd: int = 6):
     return None if not np.isfinite(x) else round(x, nd) if abs(x) >= 1e-4 else x
 
 
-def _run_entry(r: RunResult, params: Params) -> dict:
+def _run_entry(r: RunResult) -> dict:
     s, s0 = r.stats, r.stats0
     def row(i: int) -> dict:
         out = {"index": int(i), "count": int(s.count[i]), "continuity": _f(s.continuity[i]),
@@ -280,11 +281,14 @@ def reduce_runs(out_dir: PathLike, params: Union[None, Params, list, dict] = Non
     Raises AnalysisError when no profile is usable (none mapped, all skipped) or when runs of
     different models / hidden sizes are mixed.
     """
+    return _reduce(Path(out_dir), parse_params(params), list(skipped or []), {})
+
+
+def _reduce(out: Path, params: Params, skipped: list[dict], timing: dict) -> dict:
+    """`reduce_runs` with extra ``timing`` entries (the map's, from `analyze`) put into the summary before
+    ``summary.json`` and ``report.md`` are written (once)."""
     t0 = time.perf_counter()
-    params = parse_params(params)
-    out = Path(out_dir)
-    skipped = list(skipped or [])
-    profs = _load_runs(out, params, skipped)
+    profs = _load_runs(out, skipped)
     if not profs:
         why = "; ".join(f"{s.get('name') or s.get('path')}: {s.get('reason')}" for s in skipped[:3])
         more = f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""
@@ -298,7 +302,7 @@ def reduce_runs(out_dir: PathLike, params: Union[None, Params, list, dict] = Non
                             "(see the warnings above)")
     summary = build_summary(results, params, skipped)
     summary["out_dir"] = str(out)
-    summary["timing"] = {"reduce_seconds": None}
+    summary["timing"] = {"reduce_seconds": None, **timing}
     notes = summary["notes"]
     maps = {json.dumps({k: v for k, v in r.prof.meta.get("params", {}).items() if k in ("last_records", "block_rows")},
                        sort_keys=True) for r in results}
@@ -341,7 +345,7 @@ def build_summary(results: list[RunResult], params: Params, skipped: list[dict])
                 nulls[key] = {"hidden": s.null.hidden, "members": [int(x) for x in s.null.members],
                               "n_permutations": s.null.n_permutations, "pooled_samples": s.null.n_samples,
                               **{k: v for k, v in st.null_crosscheck(s.null).items()}}
-    entries = [_run_entry(r, params) for r in results]
+    entries = [_run_entry(r) for r in results]
     summary = {
         "schema": SUMMARY_SCHEMA, "params": params.as_dict(),
         "model": {"model_name": p0.meta["model_name"], "hidden_size": p0.hidden, "n_layers": p0.meta["n_layers"]},
@@ -383,7 +387,7 @@ def build_summary(results: list[RunResult], params: Params, skipped: list[dict])
 def _default_out(inputs: list) -> Path:
     first = Path(str(inputs[0])) if inputs else Path(".")
     if len(inputs) == 1 and first.is_dir() and not any(c in str(first) for c in "*?["):
-        return first / "analysis"
+        return SweepDir(first).analysis
     return Path("striation_analysis")
 
 
@@ -445,12 +449,6 @@ def analyze(inputs: Union[PathLike, Iterable[PathLike]], out_dir: Optional[PathL
     for name, _, err in results:
         if err:
             warn(f"skipping {name}: {err}")
-    map_s = time.perf_counter() - t0
-    summary = reduce_runs(out, params, skipped=skipped)
-    summary["timing"]["map_seconds"] = round(map_s, 3)
-    summary["timing"]["map_workers"] = workers
-    from irm_hpc.analysis import report
-
-    report.write_outputs(out, summary)
-    return summary
+    timing = {"map_seconds": round(time.perf_counter() - t0, 3), "map_workers": workers}
+    return _reduce(out, params, skipped, timing)
 

@@ -10,9 +10,13 @@ Per (injection layer, index) mean |injection| (float32, (n_inj, hidden) each; Na
 * ``train_step0``: mean of the profile records at step 0.
 
 Plus ``base_resid_abs`` (n_layers, hidden) (the frozen model's mean |residual| after each layer's
-attention; (0, hidden) if the run has none), ``injection_layers`` (n_inj,), the per-index striation
-statistics of the run under the map's parameters (``continuity``, ``column_score`` and their ``_step0``
-twins, (hidden,) float32; `irm_hpc.analysis.stats`) and ``meta`` (a JSON string).
+attention; (0, hidden) if the run has none), ``injection_layers`` (n_inj,), two descriptive per-index
+profiles of the matrix the statistics use (``Params.source``) under the map's ``top_k_frac``:
+``continuity`` (fraction of injection layers where the index is top-k) and ``column_score`` (mean
+per-layer z-score), with their ``_step0`` twins ((hidden,) float32, NaN when the matrix is missing or
+non-finite; `irm_hpc.analysis.stats`), and ``meta`` (a JSON string). The map runs no permutation test:
+p-values, significance and every cross-run statistic are computed by the reduce from the matrices,
+so other reduce parameters need no new map.
 
 Probe tokens are read in blocks of rows (``Params.block_rows``, default the reader's ``iter_blocks``
 size, 16 HDF5 chunks): for each block, ``|x|`` is summed per group with one float32 matrix product
@@ -34,9 +38,10 @@ import numpy as np
 from irm_hpc.analysis.discover import RunRef, ref_for_path, safe_name
 from irm_hpc.analysis.params import AnalysisError, Params, parse_params
 from irm_hpc.analysis import stats as st
+from irm_hpc.layout import ANALYSIS_PROFILES, RECORD_SEG_GLOB, RunDir, atomic_path, atomic_write_json
 
 PROFILE_VERSION = 1
-PROFILES_DIR = "profiles"
+PROFILES_DIR = ANALYSIS_PROFILES
 SKIP_SUFFIX = ".skipped.json"
 GROUPS = ("final_prompt", "final_generated", "step0_prompt", "step0_generated")
 MATRICES = ("probe_final_prompt", "probe_final_generated", "probe_final_all", "probe_step0_prompt",
@@ -72,24 +77,18 @@ def _derive_layer_set(layers: list[int], n_layers: int, config_yaml: str) -> str
 
 
 def _atomic_savez(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
+    """``np.savez`` to ``path`` atomically (`irm_hpc.layout.atomic_path`; not fsynced, as before: a torn
+    profile after a power loss is reported by `load_profile` and re-mapped)."""
+    with atomic_path(path, durable=False) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _skip(out: Path, ref: RunRef, reason: str) -> AnalysisError:
     """Write ``<name>.skipped.json`` (the reduce lists it), drop a stale npz; return the error to raise."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{ref.name}.npz").unlink(missing_ok=True)
-    marker = out / f"{ref.name}{SKIP_SUFFIX}"
-    tmp = marker.with_name(marker.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"name": ref.name, "path": str(ref.path), "reason": reason}) + "\n")
-    os.replace(tmp, marker)
+    atomic_write_json(out / f"{ref.name}{SKIP_SUFFIX}", {"name": ref.name, "path": str(ref.path), "reason": reason})
     return AnalysisError(f"{ref.path}: {reason}")
 
 
@@ -164,14 +163,15 @@ def prefetch(paths) -> None:
 
 
 def record_files(path: PathLike) -> list[Path]:
-    """The HDF5 files of a run path (its injections.h5, or its record/ segments), for `prefetch`."""
+    """The HDF5 files of a run path (the file itself, the run's ``injections.h5``, or its ``record/``
+    segments; `irm_hpc.layout.RunDir.record_source`), for `prefetch`. ``[]`` if it has none."""
     p = Path(path)
     if p.is_file():
         return [p]
-    if (p / "injections.h5").is_file():
-        return [p / "injections.h5"]
-    d = p / "record" if (p / "record").is_dir() else p
-    return sorted(d.glob("seg-*.h5")) if d.is_dir() else []
+    src = RunDir(p).record_source()
+    if src is None:
+        return []
+    return [src] if src.is_file() else sorted(src.glob(RECORD_SEG_GLOB))
 
 
 def _mean(s: np.ndarray, n: int) -> np.ndarray:
@@ -236,10 +236,7 @@ def training_evals(run_path: PathLike) -> list[dict]:
     its ``record/`` dir or its HDF5 file. Returns ``[]`` when the run has no metrics file (e.g. a bare
     HDF5 copied elsewhere); unparsable lines (a crash mid-write) are skipped."""
     path = Path(run_path)
-    run_dir = path.parent if path.is_file() else path
-    if run_dir.name == "record":
-        run_dir = run_dir.parent
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunDir.containing(path.parent if path.is_file() else path).metrics
     if not metrics.is_file():
         return []
     evals = []
@@ -295,15 +292,14 @@ def _reduce_run(run, ref: RunRef, params: Params) -> tuple[dict, dict]:
     if final_probe is None and not len(trained):
         raise _NoData("only step-0 records so far (the untrained IRM); no trained records to analyse yet")
     prof = RunProfile(ref.name, meta, arrays)
+    k = st.top_k(hidden, params.top_k_frac)
     for suffix, mat in (("", prof.matrix(params.source)[0]), ("_step0", prof.step0_matrix(params.source)[0])):
-        if mat is not None and np.isfinite(mat).all():
-            s = st.striation_stats(mat, top_k_frac=params.top_k_frac, n_permutations=params.n_permutations,
-                                   alpha=params.alpha, seed=params.seed)
-            arrays[f"continuity{suffix}"] = s.continuity.astype(np.float32)
-            arrays[f"column_score{suffix}"] = s.column_score.astype(np.float32)
-        else:
-            arrays[f"continuity{suffix}"] = np.full(hidden, np.nan, np.float32)
-            arrays[f"column_score{suffix}"] = np.full(hidden, np.nan, np.float32)
+        # descriptive only (no permutation null): the reduce recomputes every statistic from the matrices
+        ok = mat is not None and np.isfinite(mat).all()
+        arrays[f"continuity{suffix}"] = (st.continuity(st.topk_membership(mat, k)).astype(np.float32) if ok
+                                         else np.full(hidden, np.nan, np.float32))
+        arrays[f"column_score{suffix}"] = (st.column_score(mat).astype(np.float32) if ok
+                                           else np.full(hidden, np.nan, np.float32))
     return arrays, meta
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from irm_hpc.layout import ANALYSIS_REPORT, ANALYSIS_SUMMARY, atomic_write_json, atomic_write_text
 
 MAX_RUN_ROWS = 10  # striation rows per run in report.md (summary.json has all)
 
@@ -29,22 +29,17 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_summary(out: Path, summary: dict) -> Path:
-    path = Path(out) / "summary.json"
-    _atomic_write(path, json.dumps(jsonable(summary), indent=1) + "\n")
+    """Write ``<out>/summary.json`` (`jsonable`; keys starting with ``_`` dropped) atomically; returns its path."""
+    path = Path(out) / ANALYSIS_SUMMARY
+    atomic_write_json(path, jsonable(summary), indent=1)
     return path
 
 
 def write_outputs(out: Path, summary: dict) -> None:
-    """Write ``summary.json`` and ``report.md`` into ``out``."""
+    """Write ``summary.json`` and ``report.md`` into ``out`` (each atomically, `irm_hpc.layout`)."""
     write_summary(out, summary)
-    _atomic_write(Path(out) / "report.md", render(summary))
+    atomic_write_text(Path(out) / ANALYSIS_REPORT, render(summary))
 
 
 def _fmt(v: Any, nd: int = 3) -> str:

@@ -1,9 +1,9 @@
-"""Small helpers of the record stream: one-line errors, fsync / atomic writes, tensor -> numpy, h5py open."""
+"""Small helpers of the record stream: ENOSPC test, tensor -> numpy, h5py open. (One-line error text:
+`irm_hpc.errors.one_line`; fsync and atomic replacement: `irm_hpc.layout`.)"""
 
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,34 +12,8 @@ import numpy as np
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _one_line(exc: BaseException) -> str:
-    """``Type: message`` of an exception on a single line."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _is_enospc(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) == errno.ENOSPC or "no space left" in str(exc).lower()
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a closed file (or a directory) by path; fsync applies to the inode, not the descriptor."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via tmp + fsync + os.replace + dir fsync (never a torn file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 TORCH_CAST_SLICE = 32768  # elements: ATen's grain size, below which a CPU op runs without OpenMP

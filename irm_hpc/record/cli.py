@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any, Optional
 
 import numpy as np
 
+from irm_hpc.errors import cli_errors
 from irm_hpc.record.reader import RunReader, open_run
-from irm_hpc.record.schema import RecordError
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -48,20 +47,20 @@ def _summary_tables(r: RunReader) -> list[Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m irm_hpc.record inspect RUN``: print a summary; exit 2 with a one-line error."""
+    """``python -m irm_hpc.record inspect RUN``: print a summary; exit 2 with a one-line ``error: ...``
+    (any `irm_hpc.errors.IrmError`, e.g. `RecordError`; `irm_hpc.errors.cli_errors`)."""
     ap = argparse.ArgumentParser(prog="python -m irm_hpc.record", description="Inspect an IRM injection record.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("inspect", help="summary of a run dir, injections.h5 or record/ dir")
     p.add_argument("run", help="run dir (out_dir), injections.h5 or record/ dir")
     args = ap.parse_args(argv)
-    from rich.console import Console
 
-    try:
+    def inspect() -> None:
+        from rich.console import Console
+
         with open_run(args.run) as r:
             console = Console()
             for table in _summary_tables(r):
                 console.print(table)
-    except RecordError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli_errors(inspect)

@@ -10,9 +10,10 @@ from typing import Any, Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
-from irm_hpc.record.schema import (DATA_DATASETS, FINAL_NAME, INDEX_NAME, PLUGIN_FILTER_IDS, PROBE_COLUMNS,
-                                   PROFILE_COLUMNS, RECORD_DIRNAME, RUN_FILE, SEG_GLOB, PathLike, RecordError,
-                                   RunMeta, _open_h5, _read_ds)
+from irm_hpc.layout import RunDir
+from irm_hpc.record.schema import (DATA_DATASETS, FINAL_NAME, PLUGIN_FILTER_IDS, PROBE_COLUMNS, PROFILE_COLUMNS,
+                                   RECORD_DIRNAME, RUN_FILE, SEG_GLOB, PathLike, RecordError, RunMeta, _open_h5,
+                                   _read_ds)
 from irm_hpc.record.segments import _Index
 
 
@@ -277,17 +278,11 @@ def open_run(path: PathLike, *, include_open: bool = True) -> RunReader:
         raise RecordError(f"{p}: no such file or directory; pass a run dir, its injections.h5 or its record/ dir")
     if p.is_file():
         return _open_file(p)
-    if (p / FINAL_NAME).is_file():
-        return _open_file(p / FINAL_NAME)
-    for d in (p, p / RECORD_DIRNAME):
-        if _is_record_dir(d):
-            return _open_segments(d, include_open)
-    raise RecordError(f"{p}: holds neither {FINAL_NAME} nor a {RECORD_DIRNAME}/ segment dir; "
-                      "pass a run dir (out_dir), its injections.h5 or its record/ dir")
-
-
-def _is_record_dir(d: Path) -> bool:
-    return d.is_dir() and ((d / INDEX_NAME).is_file() or (d / RUN_FILE).is_file() or any(d.glob(SEG_GLOB)))
+    src = RunDir(p).record_source()
+    if src is None:
+        raise RecordError(f"{p}: holds neither {FINAL_NAME} nor a {RECORD_DIRNAME}/ segment dir; "
+                          "pass a run dir (out_dir), its injections.h5 or its record/ dir")
+    return _open_file(src) if src.is_file() else _open_segments(src, include_open)
 
 
 def _open_file(p: Path) -> RunReader:

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import h5py
 import numpy as np
 
-from irm_hpc.errors import IrmError
+from irm_hpc.errors import IrmError, one_line
 
 try:  # registers the Zstd / Blosc / Bitshuffle HDF5 filters with h5py (needed to write AND read them)
     import hdf5plugin
@@ -19,14 +19,16 @@ except ImportError:  # gzip / lzf / None still work; plugin compressions raise a
     hdf5plugin = None
 
 from irm_hpc import __version__
-from irm_hpc.record._util import _h5_open, _one_line
+from irm_hpc.layout import INJECTIONS, RECORD_DIR, RECORD_INDEX, RECORD_RUN_FILE, RECORD_SEG_GLOB
+from irm_hpc.record._util import _h5_open
 
 SCHEMA_VERSION = 1
-FINAL_NAME = "injections.h5"
-RECORD_DIRNAME = "record"
-INDEX_NAME = "index.json"
-RUN_FILE = "run.h5"
-SEG_GLOB = "seg-*.h5"
+# File names of the run-dir layout: defined in irm_hpc.layout, aliased here for the record API.
+FINAL_NAME = INJECTIONS
+RECORD_DIRNAME = RECORD_DIR
+INDEX_NAME = RECORD_INDEX
+RUN_FILE = RECORD_RUN_FILE
+SEG_GLOB = RECORD_SEG_GLOB
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("zstd", "zstd-<1..22>", "gzip", "gzip-<0..9>", "lzf", "blosc-lz4", "blosc-zstd",
                 "blosc-<lz4|zstd>-<1..9>", "bitshuffle-lz4", "bitshuffle-zstd", None)
@@ -248,7 +250,7 @@ def _open_h5(path: Path, *, data: bool = False) -> h5py.File:
         f = _h5_open(path, "r")
     except OSError as exc:
         raise RecordError(f"{path}: cannot open the HDF5 file, it is truncated, damaged or still open for "
-                          f"writing ({_one_line(exc)}); re-run finalize from record/ or restore the file") from exc
+                          f"writing ({one_line(exc, with_type=True)}); re-run finalize from record/ or restore the file") from exc
     try:
         _check_schema(f, path, data)
     except BaseException:
@@ -282,4 +284,4 @@ def _read_ds(ds: h5py.Dataset, sel: Any = ()) -> Any:
                    "imports it; plain h5py readers must `import hdf5plugin` first)")
         else:
             fix = "the file is damaged or truncated"
-        raise RecordError(f"{ds.file.filename}: reading {ds.name} failed ({_one_line(exc)}); {fix}") from exc
+        raise RecordError(f"{ds.file.filename}: reading {ds.name} failed ({one_line(exc, with_type=True)}); {fix}") from exc

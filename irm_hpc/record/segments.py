@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -13,7 +12,9 @@ import h5py
 import numpy as np
 
 from irm_hpc import __version__
-from irm_hpc.record._util import _atomic_write_text, _fsync_path, _h5_open, _one_line
+from irm_hpc.errors import one_line
+from irm_hpc.layout import atomic_path, atomic_write_json, fsync_path
+from irm_hpc.record._util import _h5_open
 from irm_hpc.record.schema import (INDEX_NAME, LIBVER, PROBE_COLUMNS, PROFILE_COLUMNS, RDCC_BYTES, RUN_FILE,
                                    SCHEMA_VERSION, SEG_GLOB, STR_DTYPE, RecordError, _append, _Layout, _open_h5,
                                    _read_ds, _write_attrs)
@@ -73,14 +74,14 @@ class _Index:
         except RecordError:
             raise
         except (ValueError, KeyError, TypeError) as exc:
-            raise RecordError(f"{path}: damaged segment index ({_one_line(exc)}); delete {d} to restart "
+            raise RecordError(f"{path}: damaged segment index ({one_line(exc, with_type=True)}); delete {d} to restart "
                               "the recording, or restore index.json") from exc
 
     def save(self) -> None:
         data = {"schema_version": SCHEMA_VERSION, "layout": self.layout, "checkpoint_step": self.checkpoint_step,
                 "checkpoints": self.checkpoints, "segments": [asdict(s) for s in self.segments],
                 "pending_delete": self.pending_delete}
-        _atomic_write_text(self.path, json.dumps(data, indent=1) + "\n")
+        atomic_write_json(self.path, data, indent=1)
 
     def names(self) -> set[str]:
         return {s.file for s in self.segments}
@@ -126,7 +127,7 @@ class _Segment:
         """Close the file; with ``durable`` also fsync it. Returns its index entry."""
         self.f.close()
         if durable:
-            _fsync_path(self.path)
+            fsync_path(self.path)
         first = self.first_step if self.first_step is not None else -1
         last = self.last_step if self.last_step is not None else -1
         return _SegInfo(self.path.name, first, last, self.n_records, self.n_probe_tokens)
@@ -176,25 +177,22 @@ def _step_range(f: h5py.File) -> tuple[int, int]:
 
 
 def _truncate_segment(path: Path, max_step: int, layout: _Layout) -> _SegInfo:
-    """Rewrite segment ``path`` keeping only records with step <= max_step (tmp + os.replace)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with _open_h5(path) as src, _h5_open(tmp, "w", libver=LIBVER) as dst:
-        for key, value in src.attrs.items():
-            dst.attrs[key] = value
-        layout.create(dst)
-        n_rec, n_tok = _copy_records(src, dst, max_step)
-        first, last = _step_range(dst)
-    _fsync_path(tmp)
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    """Rewrite segment ``path`` keeping only records with step <= max_step (`irm_hpc.layout.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with _open_h5(path) as src, _h5_open(tmp, "w", libver=LIBVER) as dst:
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            layout.create(dst)
+            n_rec, n_tok = _copy_records(src, dst, max_step)
+            first, last = _step_range(dst)
     return _SegInfo(path.name, first, last, n_rec, n_tok)
 
 
 # ----------------------------------------------------------------------------- merging
 def _merge(record_dir: Path, out: Path, index: _Index, layout: _Layout, attrs: dict) -> None:
-    """Write all completed segments + run.h5 of ``record_dir`` into ``out`` atomically."""
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    try:
+    """Write all completed segments + run.h5 of ``record_dir`` into ``out`` atomically
+    (`irm_hpc.layout.atomic_path`: tmp file, fsync, ``os.replace``, dir fsync)."""
+    with atomic_path(out) as tmp:
         with _h5_open(tmp, "w", libver=LIBVER, rdcc_nbytes=RDCC_BYTES, rdcc_w0=1.0) as dst:
             _write_attrs(dst, attrs, finalized=True)
             layout.create(dst)
@@ -207,12 +205,6 @@ def _merge(record_dir: Path, out: Path, index: _Index, layout: _Layout, attrs: d
                     prompts = list(_read_ds(run["probe/prompts"])) if "probe/prompts" in run else []
                     base = _read_ds(run["base/resid_abs"]) if "base/resid_abs" in run else None
             _write_run_level(dst, prompts, base)
-        _fsync_path(tmp)
-        os.replace(tmp, out)
-        _fsync_path(out.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _remove_record_dir(record_dir: Path) -> None:

@@ -4,7 +4,6 @@ resume and finalize."""
 from __future__ import annotations
 
 import atexit
-import os
 import queue
 import threading
 import warnings
@@ -15,7 +14,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from irm_hpc.record._util import _fsync_path, _h5_open, _is_enospc, _one_line, _shape, _to_numpy
+from irm_hpc.errors import one_line
+from irm_hpc.layout import atomic_path, record_segment_name
+from irm_hpc.record._util import _h5_open, _is_enospc, _shape, _to_numpy
 from irm_hpc.record.schema import (DEFAULT_COMPRESSION, DTYPES, INDEX_NAME, LIBVER, PROBE_COLUMNS, RUN_FILE,
                                    SEG_GLOB, PathLike, RecordError, _Layout, _normalize_meta, _open_h5,
                                    _parse_compression, _read_ds, _write_attrs)
@@ -164,7 +165,7 @@ class RunRecorder:
         try:
             _merge(self.record_dir, out, self._index, self._layout, self._attrs)
         except OSError as exc:
-            raise RecordError(f"{out}: merging {self.record_dir} failed ({_one_line(exc)}); the segments "
+            raise RecordError(f"{out}: merging {self.record_dir} failed ({one_line(exc, with_type=True)}); the segments "
                               "are kept, fix the cause and run finalize again") from exc
         if not keep_segments:
             _remove_record_dir(self.record_dir)
@@ -337,11 +338,11 @@ class RunRecorder:
     def _segment(self, step: int) -> _Segment:
         """The open segment, created on first use and named after the first record's step."""
         if self._seg is None:
-            path = self.record_dir / f"seg-{step:08d}.h5"
+            path = self.record_dir / record_segment_name(step)
             k = 0
             while path.exists() or path.name in self._index.names():
                 k += 1
-                path = self.record_dir / f"seg-{step:08d}-{k}.h5"
+                path = self.record_dir / record_segment_name(step, k)
             self._current = path
             self._seg = _Segment(path, self._layout, self._attrs)
         return self._seg
@@ -363,13 +364,10 @@ class RunRecorder:
     def _write_run_file(self) -> None:
         """(Re)write record/run.h5 atomically: root attributes, prompts, base reference."""
         path = self.record_dir / RUN_FILE
-        tmp = path.with_name(path.name + ".tmp")
         self._current = path
-        with _h5_open(tmp, "w", libver=LIBVER) as f:
+        with atomic_path(path) as tmp, _h5_open(tmp, "w", libver=LIBVER) as f:
             _write_attrs(f, self._attrs, finalized=False)
             _write_run_level(f, self._prompts, self._base)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
         self._run_file_written = True
 
     def _fail(self, op: _Op, exc: BaseException) -> None:
@@ -378,7 +376,7 @@ class RunRecorder:
             fix = f"free disk space, then restart the job: it resumes from the last checkpoint (step {ckpt})"
         else:
             fix = f"records after the last checkpoint (step {ckpt}) are lost; restart the job to resume from it"
-        err = RecordError(f"{self._current}: {op.kind} failed in the background writer ({_one_line(exc)}); {fix}")
+        err = RecordError(f"{self._current}: {op.kind} failed in the background writer ({one_line(exc, with_type=True)}); {fix}")
         err.__cause__ = exc
         self._error = err
         try:
