@@ -18,6 +18,8 @@ from typing import Optional
 
 import submitit
 
+from irm_hpc.layout import RunDir, SweepDir
+
 
 def _export_dist_env() -> None:
     """Set RANK/WORLD_SIZE/MASTER_ADDR/... from submitit's job environment when running under submitit.
@@ -96,36 +98,40 @@ class AnalysisReduceTask:
         return analysis.reduce_runs(self.out_dir, analysis.parse_params(self.params))
 
 
+def local_executor(folder: Path, timeout_min: int, tasks_per_node: int = 1) -> submitit.LocalExecutor:
+    """A ``submitit.LocalExecutor`` (jobs are subprocesses that outlive the launcher); ``timeout_min`` in minutes."""
+    ex = submitit.LocalExecutor(folder=str(folder))
+    ex.update_parameters(timeout_min=timeout_min, tasks_per_node=tasks_per_node)
+    return ex
+
+
 class LocalSweep:
-    """Run a sweep's training tasks sequentially as local submitit jobs, then its analysis."""
+    """Run a sweep's training tasks sequentially as local submitit jobs, then its analysis.
+
+    Tasks whose run dir has ``DONE`` are skipped, so running the driver again (a local ``--resume``)
+    continues the sweep; each task itself resumes from its latest checkpoint.
+    """
+
+    TASK_TIMEOUT_MIN = 24 * 60
 
     def __init__(self, sweep_dir: str):
         self.sweep_dir = str(sweep_dir)
 
     def __call__(self) -> dict:
-        from irm_hpc.launch import local_executor, record_submission
-        from irm_hpc.manifest import load_manifest
+        from irm_hpc.manifest import analysis_params, load_manifest, record_submission
 
         manifest = load_manifest(self.sweep_dir)
+        sweep = SweepDir(self.sweep_dir)
         for task in manifest.tasks:
-            if (manifest.task_dir(task) / "DONE").is_file():
+            if RunDir(manifest.task_dir(task)).is_done():
                 continue
-            executor = local_executor(Path(self.sweep_dir) / "logs" / "train", timeout_min=24 * 60)
-            job = executor.submit(TrainTask(task.overrides, str(manifest.task_dir(task))))
+            job = local_executor(sweep.train_logs, timeout_min=self.TASK_TIMEOUT_MIN).submit(
+                TrainTask(task.overrides, str(manifest.task_dir(task))))
             record_submission(self.sweep_dir, [task.index], [job.job_id], "local")
             try:
                 job.result()
             except Exception as exc:  # noqa: BLE001 - one failed task must not stop the sweep
                 print(f"task {task.task_id} failed: {str(exc).splitlines()[-1] if str(exc) else exc!r}")
-        analysis_dir = Path(self.sweep_dir) / "analysis"
-        params = list(manifest_analysis_params(manifest))
-        AnalysisMapTask([str(manifest.task_dir(t)) for t in manifest.tasks], str(analysis_dir), params)()
-        return AnalysisReduceTask(str(analysis_dir), params)()
-
-
-def manifest_analysis_params(manifest) -> list[str]:
-    """The sweep's ``analysis`` key=value parameters, stored in the manifest's config."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.create(manifest.config_yaml)
-    return list(OmegaConf.select(cfg, "sweep.analysis", default=[]) or [])
+        params = analysis_params(manifest)
+        AnalysisMapTask([str(manifest.task_dir(t)) for t in manifest.tasks], str(sweep.analysis), params)()
+        return AnalysisReduceTask(str(sweep.analysis), params)()

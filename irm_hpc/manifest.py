@@ -11,14 +11,16 @@ from __future__ import annotations
 import fcntl
 import itertools
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from irm_hpc.errors import IrmError
+from omegaconf import DictConfig, OmegaConf
+
+from irm_hpc.errors import IrmError, one_line
+from irm_hpc.layout import SweepDir, atomic_write_json
 
 MANIFEST_VERSION = 1
 
@@ -48,7 +50,7 @@ def expand_tasks(alignments: list[str], seeds: list[int], layer_sets: list[str],
     tasks = []
     for i, (align, seed, lset) in enumerate(itertools.product(alignments, seeds, layer_sets)):
         task_id = f"{align}-s{seed}-{lset.replace(',', '_')}"
-        out_dir = f"runs/{task_id}"
+        out_dir = SweepDir.task_out_dir(task_id)
         overrides = [*base_overrides, f"alignment={align}", f"seed={seed}", f"irm.layer_set={lset}"]
         tasks.append(Task(i, task_id, align, int(seed), str(lset), out_dir, overrides))
     return tasks
@@ -70,7 +72,7 @@ class Manifest:
 
     @property
     def file(self) -> Path:
-        return self.sweep_dir / "manifest.json"
+        return SweepDir(self.sweep_dir).manifest
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -78,16 +80,36 @@ class Manifest:
         return data
 
     def save(self) -> None:
-        """Write atomically (tmp + fsync + os.replace)."""
-        tmp = self.file.with_name(f".manifest.{os.getpid()}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(self.to_json(), fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.file)
+        """Write atomically (``layout.atomic_write_json``: tmp + fsync + os.replace + dir fsync)."""
+        atomic_write_json(self.file, self.to_json(), indent=1)
 
     def task_dir(self, task: Task) -> Path:
-        return self.sweep_dir / task.out_dir
+        """The task's run directory (absolute)."""
+        return SweepDir(self.sweep_dir).run(task.out_dir).root
+
+    def launch_config(self) -> DictConfig:
+        """The resolved launch config the sweep was submitted with (``sweep``, ``cluster``, ``runs_root``)."""
+        return OmegaConf.create(self.config_yaml)
+
+    def record_submission(self, indices: list[int], job_ids: list[str], reason: str) -> None:
+        """Store the job id of each task index (in memory; the caller saves under the lock)."""
+        for idx, job_id in zip(indices, job_ids):
+            task = self.tasks[idx]
+            task.job_id, task.state = job_id, "SUBMITTED"
+            task.submissions.append({"job_id": job_id, "time": time.time(), "reason": reason})
+
+
+def record_submission(sweep_dir: str | Path, indices: list[int], job_ids: list[str], reason: str) -> None:
+    """Store job ids in the manifest on disk, under the manifest lock (used by the local driver)."""
+    with locked(sweep_dir):
+        manifest = load_manifest(sweep_dir)
+        manifest.record_submission(indices, job_ids, reason)
+        manifest.save()
+
+
+def analysis_params(manifest: Manifest) -> list[str]:
+    """The sweep's striation-analysis ``key=value`` parameters (``sweep.analysis`` of its config)."""
+    return list(OmegaConf.select(manifest.launch_config(), "sweep.analysis", default=[]) or [])
 
 
 def load_manifest(sweep_dir: str | Path) -> Manifest:
@@ -97,19 +119,26 @@ def load_manifest(sweep_dir: str | Path) -> Manifest:
     newer than this irm_hpc understands, or task outputs were moved away.
     """
     sweep_dir = Path(sweep_dir).resolve()
-    file = sweep_dir / "manifest.json"
+    file = SweepDir(sweep_dir).manifest
     if not file.is_file():
         raise ManifestError(f"{sweep_dir} is not a sweep directory (no manifest.json); pass the directory printed by irm_hpc.launch")
     try:
         data = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(f"cannot read {file}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{file} is not an irm_hpc manifest (a JSON {type(data).__name__}, not an object); "
+                            "pass the directory printed by irm_hpc.launch")
     version = data.get("schema_version")
     if not isinstance(version, int) or version > MANIFEST_VERSION:
         raise ManifestError(f"{file} has manifest schema {version}; this irm_hpc reads <= {MANIFEST_VERSION}: upgrade irm_hpc")
-    tasks = [Task(**t) for t in data["tasks"]]
-    data.update(sweep_dir=sweep_dir, tasks=tasks)
-    return Manifest(**data)
+    try:
+        tasks = [Task(**t) for t in data["tasks"]]
+        data.update(sweep_dir=sweep_dir, tasks=tasks)
+        return Manifest(**data)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ManifestError(f"{file} is not an irm_hpc manifest ({type(exc).__name__}: {one_line(exc)}); "
+                            "pass the directory printed by irm_hpc.launch") from None
 
 
 @contextmanager
@@ -118,7 +147,7 @@ def locked(sweep_dir: str | Path, timeout_s: float = 60.0) -> Iterator[None]:
 
     Raises ``ManifestError`` if the lock is not obtained in time.
     """
-    path = Path(sweep_dir) / "manifest.lock"
+    path = SweepDir(sweep_dir).lock
     with open(path, "a+") as fh:
         deadline = time.monotonic() + timeout_s
         while True:

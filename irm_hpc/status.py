@@ -1,37 +1,28 @@
 """Monitor a sweep: ``python -m irm_hpc.status SWEEP_DIR [--watch SECONDS] [--json]``.
 
-One row per task: alignment, seed, layer set, job id, Slurm state, node, elapsed, step/total, last loss,
-ETA; a summary line with counts per state. Slurm is asked ONCE per refresh for the whole sweep
-(``sacct`` for all array ids, ``squeue`` for live jobs); progress comes from each run's
-``metrics.jsonl`` (last line only) and ``DONE``. If ``sacct`` fails, the table says so and falls back to
-``squeue`` plus the run files instead of guessing.
+One row per task: alignment, seed, layer set, job id, scheduler state, node, elapsed, step/total, last
+loss, ETA; a summary line with counts per state. The sweep's executor (``irm_hpc.executors``) is asked
+ONCE per refresh for the whole sweep (Slurm: one ``sacct`` + one ``squeue``); progress comes from each
+run's ``metrics.jsonl`` (last line only) and ``DONE``. If ``sacct`` fails, the table says so and falls
+back to ``squeue`` plus the run files instead of guessing. :func:`follow` is the live view that
+``launch --wait`` shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from irm_hpc.manifest import Manifest, ManifestError, load_manifest
-
-LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
-        "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
-RESUBMIT = {"FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
-
-
-@dataclass
-class JobInfo:
-    state: str
-    node: str = ""
-    elapsed: str = ""
+from irm_hpc.components.tracking import last_record
+from irm_hpc.errors import cli_errors
+from irm_hpc.executors import for_manifest
+from irm_hpc.layout import RunDir, SweepDir
+from irm_hpc.manifest import Manifest, load_manifest
 
 
 @dataclass
@@ -54,79 +45,9 @@ class TaskRow:
     done: bool
 
 
-def _expand(job_field: str) -> list[str]:
-    """``123_[0-3,7%2]`` -> ``123_0 ... 123_3, 123_7``; other ids unchanged."""
-    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_field)
-    if not m:
-        return [job_field]
-    base, spec = m.group(1), m.group(2).split("%")[0]
-    out = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
-    return out
-
-
-def _run(cmd: list[str]) -> Optional[str]:
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return res.stdout if res.returncode == 0 else None
-
-
-def query_slurm(array_ids: list[str]) -> tuple[dict[str, JobInfo], str]:
-    """States of every task of ``array_ids`` from one ``sacct`` + one ``squeue`` call.
-
-    Returns ``(states by 'ARRAY_TASK' id, note)``; ``note`` is "" or says which source failed.
-    Live states from ``squeue`` win over ``sacct`` (which lags a few seconds).
-    """
-    states: dict[str, JobInfo] = {}
-    note = ""
-    ids = ",".join(sorted(set(array_ids)))
-    if not ids:
-        return states, note
-    out = _run(["sacct", "-X", "-n", "-P", "-j", ids, "--format=JobID,State,NodeList,Elapsed"])
-    if out is None:
-        note = "sacct failed: states from squeue and run files"
-    else:
-        for line in out.splitlines():
-            parts = line.split("|")
-            if len(parts) >= 4:
-                for jid in _expand(parts[0]):
-                    states[jid] = JobInfo(parts[1].split()[0], parts[2] if parts[2] != "None assigned" else "", parts[3])
-    sq = _run(["squeue", "-h", "-j", ids, "-o", "%i|%T|%N|%M"])
-    if sq is None:
-        note = (note + "; " if note else "") + "squeue failed"
-    else:
-        for line in sq.splitlines():
-            parts = line.split("|")
-            if len(parts) >= 4:
-                for jid in _expand(parts[0]):
-                    states[jid] = JobInfo(parts[1], parts[2], parts[3])
-    return states, note
-
-
-def _last_json_line(path: Path) -> Optional[dict]:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 4096))
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-    return None
-
-
-def _progress(run_dir: Path, total: int) -> tuple[int, int, Optional[float], Optional[float], bool]:
-    done = (run_dir / "DONE").is_file()
-    last = _last_json_line(run_dir / "metrics.jsonl")
+def _progress(run: RunDir, total: int) -> tuple[int, int, Optional[float], Optional[float], bool]:
+    done = run.is_done()
+    last = last_record(run.metrics)
     if last is None:
         return (total if done else 0), total, None, None, done
     step, loss = int(last.get("step", 0)), last.get("loss")
@@ -146,51 +67,18 @@ def _total_steps(overrides: list[str]) -> int:
     return 0
 
 
-def _local_state(manifest: Manifest, done: bool, step: int) -> JobInfo:
-    if done:
-        return JobInfo("COMPLETED")
-    driver = manifest.train_job_ids[-1] if manifest.train_job_ids else None
-    alive = driver is not None and driver.isdigit() and _pid_alive(int(driver))
-    if not alive:
-        return JobInfo("FAILED" if step else "NOT_RUN")
-    return JobInfo("RUNNING" if step else "PENDING", os.uname().nodename)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
 def task_rows(manifest: Manifest) -> tuple[list[TaskRow], str]:
-    """Status of every task (one Slurm query for the sweep). Returns ``(rows, note)``."""
-    slurm = manifest.executor == "slurm"
-    states, note = query_slurm([t.job_id.split("_")[0] for t in manifest.tasks if t.job_id]) if slurm else ({}, "")
+    """Status of every task (one scheduler query for the sweep). Returns ``(rows, note)``."""
+    progress = {t.index: _progress(RunDir(manifest.task_dir(t)), _total_steps(t.overrides)) for t in manifest.tasks}
+    states, note = for_manifest(manifest).job_states(manifest, {i: p[4] for i, p in progress.items()},
+                                                    {i: p[0] for i, p in progress.items()})
     rows = []
     for t in manifest.tasks:
-        step, total, loss, eta, done = _progress(manifest.task_dir(t), _total_steps(t.overrides))
-        if slurm:
-            info = states.get(t.job_id or "", JobInfo("UNKNOWN" if t.job_id else "NOT_SUBMITTED"))
-            if note and info.state == "UNKNOWN":
-                info = JobInfo("COMPLETED" if done else "UNKNOWN")
-        else:
-            info = _local_state(manifest, done, step)
+        step, total, loss, eta, done = progress[t.index]
+        info = states[t.index]
         rows.append(TaskRow(t.index, t.task_id, t.alignment, t.seed, t.layer_set, t.job_id, info.state, info.node,
                             info.elapsed, step, total, loss, eta, done))
     return rows, note
-
-
-def needs_resubmit(row: TaskRow) -> Optional[str]:
-    """Why ``row`` should be resubmitted, or None (finished, or a job is still live)."""
-    if row.done:
-        return None
-    if row.state in LIVE:
-        return None
-    if row.state in RESUBMIT:
-        return row.state
-    return f"no live job ({row.state}) and no finished output"
 
 
 def _fmt_eta(eta: Optional[float]) -> str:
@@ -199,14 +87,20 @@ def _fmt_eta(eta: Optional[float]) -> str:
     return f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m" if eta >= 3600 else f"{int(eta // 60)}m{int(eta % 60):02d}s"
 
 
+def counts_line(rows: list[TaskRow]) -> str:
+    """``3/6 tasks done, steps 52/90, RUNNING 1, PENDING 2``: tasks finished, steps over all tasks, states."""
+    steps, total = sum(r.step for r in rows), sum(r.total for r in rows)
+    unknown = sum(1 for r in rows if not r.total)  # not started, and its overrides do not say max_steps
+    of = "?" if not total else f"{total}" + (f" + ? ({unknown} tasks not started)" if unknown else "")
+    states = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r.state for r in rows).items()))
+    return f"{sum(r.done for r in rows)}/{len(rows)} tasks done, steps {steps}/{of}, {states}"
+
+
 def render(manifest: Manifest, rows: list[TaskRow], note: str):
     """A rich Table of ``rows`` with a per-state summary caption."""
-    from collections import Counter
-
     from rich.table import Table
 
-    counts = Counter(r.state for r in rows)
-    summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    summary = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r.state for r in rows).items()))
     table = Table(title=f"{manifest.sweep_dir.name} ({manifest.executor}, {len(rows)} tasks)",
                   caption=summary + (f"  [{note}]" if note else ""))
     for col in ("task", "alignment", "seed", "layers", "job", "state", "node", "elapsed", "step", "loss", "ETA"):
@@ -217,6 +111,74 @@ def render(manifest: Manifest, rows: list[TaskRow], note: str):
     return table
 
 
+def follow(manifest: Manifest, finished: Callable[[], bool], interval_s: float = 5.0,
+           quiet_interval_s: float = 60.0, console=None) -> list[TaskRow]:
+    """Show a sweep's progress until ``finished()`` is true; return the last rows.
+
+    On a terminal: the status table and a progress bar of tasks and steps, refreshed in place every
+    ``interval_s`` seconds (rich ``Live``). Otherwise (a log file, CI): one ``counts_line`` whenever it
+    changes, at most every ``quiet_interval_s`` seconds (and the final one as soon as the sweep ends).
+    """
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(width=170)
+    rows, note = task_rows(manifest)
+    if not console.is_terminal:
+        last_line, last_t = "", 0.0
+        while True:
+            done = finished()
+            rows, note = task_rows(manifest)
+            line = counts_line(rows)
+            now = time.monotonic()
+            if line != last_line and (done or now - last_t >= quiet_interval_s):
+                console.print(f"[{time.strftime('%H:%M:%S')}] {line}" + (f" [{note}]" if note else ""),
+                              highlight=False)
+                last_line, last_t = line, now
+            if done:
+                return rows
+            time.sleep(interval_s)
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
+    tasks_bar = bars.add_task("tasks", total=len(rows))
+    steps_bar = bars.add_task("steps", total=max(1, sum(r.total for r in rows)))
+    with Live(console=console, refresh_per_second=1, transient=False) as live:
+        while True:
+            done = finished()
+            rows, note = task_rows(manifest)
+            bars.update(tasks_bar, completed=sum(r.done for r in rows))
+            bars.update(steps_bar, completed=sum(r.step for r in rows), total=max(1, sum(r.total for r in rows)))
+            live.update(Group(render(manifest, rows, note), bars))
+            if done:
+                return rows
+            time.sleep(interval_s)
+
+
+def result_lines(manifest: Manifest, rows: list[TaskRow], top: int = 3) -> list[str]:
+    """The short result of a finished sweep: failed tasks, the report path, the top consensus indices
+    (hidden-size index, share of runs where it is a significant striation) from ``summary.json``."""
+    sweep = SweepDir(manifest.sweep_dir)
+    failed = [r.task_id for r in rows if not r.done]
+    lines = [f"tasks: {len(rows) - len(failed)}/{len(rows)} finished, {len(failed)} failed"
+             + (f" ({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''})" if failed else "")]
+    summary_file = sweep.analysis / "summary.json"
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, ValueError):
+        return [*lines, f"no analysis summary at {summary_file}: see {sweep.analysis_logs} or {sweep.driver_logs}"]
+    cons = (summary.get("consensus") or {}).get("indices") or []
+    n_runs = summary.get("n_runs", 0)
+    if cons:
+        best = sorted(cons, key=lambda c: -c.get("share", 0))[:top]
+        lines.append("consensus striation indices: " + ", ".join(
+            f"{c['index']} ({c.get('n_runs_significant', '?')}/{n_runs} runs)" for c in best))
+    else:
+        lines.append(f"consensus striation indices: none in {n_runs} runs")
+    lines.append(f"report: {sweep.analysis / 'report.md'}")
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry; one-line error and exit 2 for a directory that is not a sweep."""
     parser = argparse.ArgumentParser(prog="python -m irm_hpc.status", description=__doc__.split("\n\n")[0])
@@ -224,24 +186,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted")
     parser.add_argument("--json", action="store_true", help="print machine-readable rows")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        manifest = load_manifest(args.sweep_dir)
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from rich.console import Console
 
-    console = Console(width=170)
-    while True:
-        rows, note = task_rows(manifest)
-        if args.json:
-            print(json.dumps({"sweep_dir": str(manifest.sweep_dir), "note": note, "tasks": [asdict(r) for r in rows]}))
-        else:
-            console.print(render(manifest, rows, note))
-        if not args.watch:
-            return 0
-        time.sleep(args.watch)
+    def body() -> int:
+        from rich.console import Console
+
         manifest = load_manifest(args.sweep_dir)
+        console = Console(width=170)
+        while True:
+            rows, note = task_rows(manifest)
+            if args.json:
+                print(json.dumps({"sweep_dir": str(manifest.sweep_dir), "note": note,
+                                  "tasks": [asdict(r) for r in rows]}))
+            else:
+                console.print(render(manifest, rows, note))
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+            manifest = load_manifest(args.sweep_dir)
+
+    return cli_errors(body)
 
 
 if __name__ == "__main__":

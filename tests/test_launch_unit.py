@@ -12,6 +12,7 @@ import pytest
 
 from irm_hpc import launch
 from irm_hpc.config import CONFIG_DIR, load_config
+from irm_hpc.executors import SlurmSweepExecutor
 from irm_hpc.manifest import Manifest, ManifestError, expand_tasks, load_manifest, locked
 
 SWEEPS = sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml"))
@@ -53,7 +54,7 @@ def test_sbatch_for_slurm_gpu_has_requested_resources():
     cfg = load_config("launch", ["sweep=full", "cluster=slurm_gpu", "cluster.account=proj7", "cluster.qos=high",
                                  "cluster.constraint=a100", "cluster.partition=gpu-long",
                                  "+cluster.additional_parameters.exclusive=true"])
-    text = launch.sbatch_preview(cfg.cluster, 28)
+    text = SlurmSweepExecutor(cfg.cluster).preview(28, Path("runs/SWEEP/logs/train"))
     for line in ("#SBATCH --array=0-27%16", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
                  "#SBATCH --nodes=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=204800MB", "#SBATCH --time=720",
                  "#SBATCH --partition=gpu-long", "#SBATCH --account=proj7", "#SBATCH --qos=high",

@@ -1,0 +1,347 @@
+"""Where a sweep's jobs run: one executor class per backend, after submitit's own design.
+
+:class:`SweepExecutor` is the interface every stage uses (launch, status, resume, wait); the backends:
+
+* :class:`SlurmSweepExecutor`: the training tasks as ONE Slurm job array (``submitit.SlurmExecutor``,
+  ``executor.batch()``), then the analysis map array (``--dependency=afterany:<train array>``,
+  ``cluster.analysis_runs_per_task`` runs per array task) and the reduce job (``afterany:<map array>``).
+  States: one ``sacct`` + one ``squeue`` call per query.
+* :class:`LocalSweepExecutor`: no Slurm; one ``submitit.LocalExecutor`` driver job
+  (``jobs.LocalSweep``) trains the tasks one after another, then runs the analysis (the local executor
+  has no dependencies). States: the run files plus whether the driver process is alive.
+* :class:`DebugSweepExecutor`: the same driver in the launching process (``submitit.DebugExecutor``).
+
+``cluster.executor=auto`` picks Slurm when ``sbatch`` is on PATH. Resources carry their units in their
+names (``timeout_min``, ``mem_gb``, ``cpus_per_task``), as in submitit.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import submitit
+from omegaconf import DictConfig
+
+from irm_hpc.errors import IrmError, one_line
+from irm_hpc.jobs import AnalysisMapTask, AnalysisReduceTask, LocalSweep, TrainTask, local_executor
+from irm_hpc.layout import SweepDir
+from irm_hpc.manifest import Manifest, Task, analysis_params
+
+# Slurm job states (sacct/squeue names).
+LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
+        "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+RESUBMIT = {"FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+
+class LaunchError(IrmError, RuntimeError):
+    """A sweep cannot be submitted (one-line message naming the problem and the fix)."""
+
+
+@dataclass
+class JobInfo:
+    """Scheduler view of one task: state (Slurm names; ``NOT_RUN``/``NOT_SUBMITTED``/``UNKNOWN`` besides),
+    node list, elapsed time as the scheduler prints it."""
+
+    state: str
+    node: str = ""
+    elapsed: str = ""
+
+
+@dataclass
+class Submission:
+    """What one submission round sent: printable job ids (``train``, ``map``, ``reduce`` or ``driver``),
+    and the submitit job whose end is the sweep's end."""
+
+    ids: dict[str, str]
+    last_job: Optional[submitit.Job] = field(default=None, repr=False)
+
+
+class SweepExecutor(abc.ABC):
+    """Runs a sweep's training tasks and its analysis. ``cluster``: the ``cluster`` config section."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, cluster: DictConfig):
+        self.cluster = cluster
+
+    @abc.abstractmethod
+    def submit(self, manifest: Manifest, tasks: list[Task], reason: str) -> Submission:
+        """Submit ``tasks`` and the analysis after them; store job ids in ``manifest`` (in memory). The
+        caller holds the manifest lock and saves the manifest afterwards. Raises ``LaunchError``."""
+
+    @abc.abstractmethod
+    def job_states(self, manifest: Manifest, done: dict[int, bool], steps: dict[int, int]) -> tuple[dict[int, JobInfo], str]:
+        """Scheduler state of every task (by task index), from one query for the whole sweep.
+
+        ``done``/``steps``: each task's ``DONE`` flag and last logged step (from its run dir). Returns
+        ``(states, note)``; ``note`` is "" or says which source failed.
+        """
+
+    def resubmit_tasks(self, todo: list[Task]) -> list[Task]:
+        """The tasks a resume submits, given those that need it (the local driver re-runs the sweep)."""
+        return todo
+
+    def before_resubmit(self, manifest: Manifest) -> None:
+        """Called under the manifest lock before a resume submits (e.g. cancel stale analysis jobs)."""
+
+    def preview(self, n_tasks: int, folder: Path) -> Optional[str]:
+        """The batch script the training array would be submitted with, or None (no batch script)."""
+        return None
+
+
+
+# ----------------------------------------------------------------------------- Slurm
+def _expand(job_field: str) -> list[str]:
+    """``123_[0-3,7%2]`` -> ``123_0 ... 123_3, 123_7``; other ids unchanged."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_field)
+    if not m:
+        return [job_field]
+    base, spec = m.group(1), m.group(2).split("%")[0]
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def _run(cmd: list[str]) -> Optional[str]:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def query_slurm(array_ids: list[str]) -> tuple[dict[str, JobInfo], str]:
+    """States of every task of ``array_ids`` from one ``sacct`` + one ``squeue`` call.
+
+    Returns ``(states by 'ARRAY_TASK' id, note)``; ``note`` is "" or says which source failed.
+    Live states from ``squeue`` win over ``sacct`` (which lags a few seconds).
+    """
+    states: dict[str, JobInfo] = {}
+    note = ""
+    ids = ",".join(sorted(set(array_ids)))
+    if not ids:
+        return states, note
+    out = _run(["sacct", "-X", "-n", "-P", "-j", ids, "--format=JobID,State,NodeList,Elapsed"])
+    if out is None:
+        note = "sacct failed: states from squeue and run files"
+    else:
+        for line in out.splitlines():
+            parts = line.split("|")
+            if len(parts) >= 4:
+                for jid in _expand(parts[0]):
+                    states[jid] = JobInfo(parts[1].split()[0], parts[2] if parts[2] != "None assigned" else "", parts[3])
+    sq = _run(["squeue", "-h", "-j", ids, "-o", "%i|%T|%N|%M"])
+    if sq is None:
+        note = (note + "; " if note else "") + "squeue failed"
+    else:
+        for line in sq.splitlines():
+            parts = line.split("|")
+            if len(parts) >= 4:
+                for jid in _expand(parts[0]):
+                    states[jid] = JobInfo(parts[1], parts[2], parts[3])
+    return states, note
+
+
+def map_chunks(run_dirs: list[str], runs_per_task: int) -> list[list[str]]:
+    """Split the sweep's run directories into consecutive chunks of ``runs_per_task`` (one map-array
+    task each, so hundreds of small runs do not become hundreds of scheduler jobs). Raises
+    ``LaunchError`` if ``runs_per_task`` < 1."""
+    if runs_per_task < 1:
+        raise LaunchError(f"cluster.analysis_runs_per_task must be >= 1, got {runs_per_task}")
+    return [run_dirs[i:i + runs_per_task] for i in range(0, len(run_dirs), runs_per_task)]
+
+
+class SlurmSweepExecutor(SweepExecutor):
+    """One job array for training, a map array and a reduce job for the analysis (see module doc)."""
+
+    kind = "slurm"
+
+    def parameters(self, name: str, n_tasks: int = 1, dependency: Optional[str] = None,
+                   analysis: bool = False) -> dict[str, Any]:
+        """``submitit.SlurmExecutor`` parameters from the cluster preset (analysis jobs: 1 task, no GPU)."""
+        c = self.cluster
+        extra = dict(c.additional_parameters)
+        if dependency:
+            extra["dependency"] = dependency
+        params = dict(
+            job_name=name, partition=c.partition, signal_delay_s=int(c.signal_delay_s),
+            array_parallelism=max(1, min(int(c.array_parallelism), n_tasks)),
+            setup=list(c.setup), additional_parameters=extra, qos=c.qos, account=c.account, constraint=c.constraint,
+        )
+        if analysis:
+            params.update(nodes=1, ntasks_per_node=1, cpus_per_task=int(c.analysis_cpus),
+                          mem=f"{int(c.analysis_mem_gb * 1024)}MB", time=int(c.analysis_timeout_min))
+        else:
+            params.update(nodes=int(c.nodes), ntasks_per_node=int(c.tasks_per_node), cpus_per_task=int(c.cpus_per_task),
+                          mem=f"{int(c.mem_gb * 1024)}MB", time=int(c.timeout_min))
+            if c.gpus_per_node:
+                params["gpus_per_node"] = int(c.gpus_per_node)
+        return {k: v for k, v in params.items() if v not in (None, [], {})}
+
+    def _executor(self, folder: Path, name: str, n_tasks: int = 1, dependency: Optional[str] = None,
+                  analysis: bool = False) -> submitit.SlurmExecutor:
+        ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=int(self.cluster.max_num_timeout))
+        ex.update_parameters(**self.parameters(name, n_tasks, dependency, analysis))
+        return ex
+
+    def preview(self, n_tasks: int, folder: Path) -> str:
+        """The sbatch script of a training array of ``n_tasks`` (nothing is submitted; no ``srun`` needed).
+
+        submitit has no public API for the script text: this calls ``submitit.slurm.slurm._make_sbatch_string``
+        with the parameters :meth:`submit` passes, and the command submitit runs
+        (``python -u -m submitit.core._submit FOLDER``). ``tests/test_launch_slurm.py`` checks the preview
+        against the script submitit really submits.
+        """
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+        return _make_sbatch_string(command=command, folder=str(folder), map_count=n_tasks,
+                                   **self.parameters("irm-train", n_tasks))
+
+    def submit(self, manifest: Manifest, tasks: list[Task], reason: str) -> Submission:
+        """One training array + the chained analysis map array and reduce job.
+
+        Raises ``LaunchError`` with sbatch's message (e.g. an invalid partition) if Slurm rejects the
+        array; nothing else is submitted then. The array's job ids are saved in the manifest before the
+        analysis is submitted.
+        """
+        sweep = SweepDir(manifest.sweep_dir)
+        ex = self._executor(sweep.train_logs, f"irm-{manifest.sweep}", len(tasks))
+        try:
+            with ex.batch():
+                jobs = [ex.submit(TrainTask(t.overrides, str(manifest.task_dir(t)))) for t in tasks]
+        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
+            raise LaunchError(f"Slurm rejected the training array: {one_line(exc)}") from None
+        array_id = jobs[0].job_id.split("_")[0]
+        manifest.record_submission([t.index for t in tasks], [j.job_id for j in jobs], reason)
+        manifest.train_job_ids.append(array_id)
+        manifest.save()  # the array is out: record it before anything else can fail
+        map_id, reduce_job = self._submit_analysis(manifest, f"afterany:{array_id}")
+        manifest.analysis_job_ids = [map_id, reduce_job.job_id]
+        return Submission({"train": array_id, "map": map_id, "reduce": reduce_job.job_id}, reduce_job)
+
+    def _submit_analysis(self, manifest: Manifest, dependency: str) -> tuple[str, submitit.Job]:
+        sweep = SweepDir(manifest.sweep_dir)
+        params = analysis_params(manifest)
+        chunks = map_chunks([str(manifest.task_dir(t)) for t in manifest.tasks],
+                            int(self.cluster.analysis_runs_per_task))
+        ex = self._executor(sweep.analysis_logs, f"irm-map-{manifest.sweep}", len(chunks), dependency, analysis=True)
+        with ex.batch():
+            maps = [ex.submit(AnalysisMapTask(chunk, str(sweep.analysis), params)) for chunk in chunks]
+        map_id = maps[0].job_id.split("_")[0]
+        ex = self._executor(sweep.analysis_logs, f"irm-reduce-{manifest.sweep}", 1, f"afterany:{map_id}",
+                            analysis=True)
+        return map_id, ex.submit(AnalysisReduceTask(str(sweep.analysis), params))
+
+    def job_states(self, manifest, done, steps):
+        states, note = query_slurm([t.job_id.split("_")[0] for t in manifest.tasks if t.job_id])
+        out = {}
+        for t in manifest.tasks:
+            info = states.get(t.job_id or "", JobInfo("UNKNOWN" if t.job_id else "NOT_SUBMITTED"))
+            if note and info.state == "UNKNOWN":
+                info = JobInfo("COMPLETED" if done[t.index] else "UNKNOWN")
+            out[t.index] = info
+        return out, note
+
+    def before_resubmit(self, manifest: Manifest) -> None:
+        """``scancel`` the previous round's analysis jobs that have not started (stale inputs)."""
+        if manifest.analysis_job_ids:
+            subprocess.run(["scancel", "--state=PENDING", *manifest.analysis_job_ids], capture_output=True, timeout=30)
+
+
+
+# ----------------------------------------------------------------------------- local
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+class LocalSweepExecutor(SweepExecutor):
+    """One local submitit driver job: the training tasks in order, then the analysis."""
+
+    kind = "local"
+    DRIVER_TIMEOUT_MIN = 7 * 24 * 60
+
+    def _executor(self, folder: Path) -> submitit.Executor:
+        return local_executor(folder, timeout_min=self.DRIVER_TIMEOUT_MIN)
+
+    def submit(self, manifest: Manifest, tasks: list[Task], reason: str) -> Submission:
+        """Start the driver (it skips tasks whose run dir has ``DONE``, so ``tasks`` need not be passed)."""
+        job = self._executor(SweepDir(manifest.sweep_dir).driver_logs).submit(LocalSweep(str(manifest.sweep_dir)))
+        manifest.train_job_ids.append(str(job.job_id))
+        return Submission({"driver": str(job.job_id)}, job)
+
+    def job_states(self, manifest, done, steps):
+        import os
+
+        driver = manifest.train_job_ids[-1] if manifest.train_job_ids else None
+        alive = driver is not None and driver.isdigit() and _pid_alive(int(driver))
+        out = {}
+        for t in manifest.tasks:
+            if done[t.index]:
+                out[t.index] = JobInfo("COMPLETED")
+            elif not alive:
+                out[t.index] = JobInfo("FAILED" if steps[t.index] else "NOT_RUN")
+            else:
+                out[t.index] = JobInfo("RUNNING" if steps[t.index] else "PENDING", os.uname().nodename)
+        return out, ""
+
+
+
+class DebugSweepExecutor(LocalSweepExecutor):
+    """The local driver, run in the launching process when its result is asked for (pdb on failure)."""
+
+    kind = "debug"
+
+    def _executor(self, folder: Path) -> submitit.Executor:
+        return submitit.DebugExecutor(folder=str(folder))
+
+
+EXECUTORS: dict[str, type[SweepExecutor]] = {cls.kind: cls for cls in (SlurmSweepExecutor, LocalSweepExecutor,
+                                                                         DebugSweepExecutor)}
+KINDS = ("auto", *EXECUTORS)
+
+
+def executor_kind(cluster: DictConfig, require_sbatch: bool = True) -> str:
+    """``slurm`` | ``local`` | ``debug``; ``auto`` picks slurm when ``sbatch`` is on PATH.
+
+    Raises ``LaunchError`` for an unknown executor name, or for ``slurm`` without ``sbatch`` unless
+    ``require_sbatch`` is False (a dry run only prints the sbatch script).
+    """
+    kind = cluster.executor
+    if kind not in KINDS:
+        raise LaunchError(f"cluster.executor '{kind}' is not one of {', '.join(KINDS)}")
+    has_sbatch = shutil.which("sbatch") is not None
+    if kind == "auto":
+        return "slurm" if has_sbatch else "local"
+    if kind == "slurm" and not has_sbatch and require_sbatch:
+        raise LaunchError("cluster 'slurm' needs sbatch on PATH: start the dev cluster (bash slurm/up.sh) or use "
+                          "--cluster local")
+    return kind
+
+
+def make_executor(kind: str, cluster: DictConfig) -> SweepExecutor:
+    """The executor of ``kind`` (a manifest's ``executor`` or :func:`executor_kind`'s answer)."""
+    if kind not in EXECUTORS:
+        raise LaunchError(f"executor '{kind}' is not one of {', '.join(EXECUTORS)}")
+    return EXECUTORS[kind](cluster)
+
+
+def for_manifest(manifest: Manifest) -> SweepExecutor:
+    """The executor a sweep was launched with, configured with its stored cluster section."""
+    return make_executor(manifest.executor, manifest.launch_config().cluster)
