@@ -92,9 +92,14 @@ class SweepExecutor(abc.ABC):
     def before_resubmit(self, manifest: Manifest) -> None:
         """Called under the manifest lock before a resume submits (e.g. cancel stale analysis jobs)."""
 
-    def preview(self, n_tasks: int, folder: Path) -> Optional[str]:
+    def preview(self, n_tasks: int, folder: Path, job_name: str = "irm-train") -> Optional[str]:
         """The batch script the training array would be submitted with, or None (no batch script)."""
         return None
+
+    @staticmethod
+    def train_job_name(sweep_name: str) -> str:
+        """The scheduler job name of a sweep's training tasks."""
+        return f"irm-{sweep_name}"
 
 
 
@@ -194,7 +199,7 @@ class SlurmSweepExecutor(SweepExecutor):
         ex.update_parameters(**self.parameters(name, n_tasks, dependency, analysis))
         return ex
 
-    def preview(self, n_tasks: int, folder: Path) -> str:
+    def preview(self, n_tasks: int, folder: Path, job_name: str = "irm-train") -> str:
         """The sbatch script of a training array of ``n_tasks`` (nothing is submitted; no ``srun`` needed).
 
         submitit has no public API for the script text: this calls ``submitit.slurm.slurm._make_sbatch_string``
@@ -206,7 +211,7 @@ class SlurmSweepExecutor(SweepExecutor):
 
         command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
         return _make_sbatch_string(command=command, folder=str(folder), map_count=n_tasks,
-                                   **self.parameters("irm-train", n_tasks))
+                                   **self.parameters(job_name, n_tasks))
 
     def submit(self, manifest: Manifest, tasks: list[Task], reason: str) -> Submission:
         """One training array + the chained analysis map array and reduce job.
@@ -216,7 +221,7 @@ class SlurmSweepExecutor(SweepExecutor):
         analysis is submitted.
         """
         sweep = SweepDir(manifest.sweep_dir)
-        ex = self._executor(sweep.train_logs, f"irm-{manifest.sweep}", len(tasks))
+        ex = self._executor(sweep.train_logs, self.train_job_name(manifest.sweep), len(tasks))
         try:
             with ex.batch():
                 jobs = [ex.submit(TrainTask(t.overrides, str(manifest.task_dir(t)))) for t in tasks]

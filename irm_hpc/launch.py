@@ -116,7 +116,7 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> Optional[tuple[Man
     if args.dry_run:
         print_plan(cfg, tasks, kind)
         folder = Path(cfg.runs_root).resolve() / f"{cfg.sweep.name}-<timestamp>" / "logs" / "train"
-        script = executor.preview(len(tasks), folder)
+        script = executor.preview(len(tasks), folder, executor.train_job_name(cfg.sweep.name))
         if script:
             print(script)
         return None

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import GOEMOTIONS
 from irm_hpc import launch
+from irm_hpc.executors import SlurmSweepExecutor
 from irm_hpc.manifest import load_manifest
 from irm_hpc.record import open_run
 from slurm_utils import queue_empty, requires_slurm, sacct, sacct_final, wait_for
@@ -55,6 +56,12 @@ def test_smoke_sweep_array_then_analysis(tmp_path):
     summary = json.loads((sweep / "analysis" / "summary.json").read_text())
     assert summary["n_runs"] == 4
     assert (sweep / "analysis" / "report.md").is_file()
+    # --dry-run's preview (a private submitit function) is the script submitit really submitted
+    submitted = sorted((sweep / "logs" / "train").glob("*_submission.sh"))
+    assert len(submitted) == 1, submitted
+    cluster = m.launch_config().cluster
+    preview = SlurmSweepExecutor(cluster).preview(4, sweep / "logs" / "train", "irm-smoke")
+    assert preview.strip() == submitted[0].read_text().strip()
 
 
 def test_two_rank_zero2_task_under_slurm(tmp_path):
