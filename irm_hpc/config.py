@@ -23,7 +23,7 @@ from omegaconf.errors import MissingMandatoryValue
 from irm_hpc.errors import IrmError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: in the wheel too
-REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(__file__).resolve().parent / "datasets"  # package data: data sets shipped with the package
 
 
 class ConfigError(IrmError, ValueError):
@@ -51,10 +51,12 @@ class DataConfig:
     name: str = MISSING
     path: str = MISSING  # local file/dir, or HF dataset name when format == "hf"
     format: str = "auto"  # auto | goemotions | tsv | csv | jsonl | parquet | hf | synthetic
+    hf_config: Optional[str] = None  # HF dataset configuration name (format hf), e.g. "simplified"
     split: str = "train"
     text_column: str = "text"
     label_column: str = "label"
     labels_file: Optional[str] = None  # label names, one a line, when labels are integer ids
+    label_map: Optional[str] = None  # built-in label mapping applied to the label names (irm_hpc.data.LABEL_MAPS)
     single_label_only: bool = True  # drop multi-label rows (GoEmotions)
     max_length: int = 64  # tokens, truncation length
     eval_fraction: float = 0.1
@@ -173,10 +175,23 @@ class LaunchConfig:
     runs_root: str = "runs"
 
 
+def packaged_data(name: str) -> Path:
+    """Directory of the data set ``name`` shipped inside the package (``irm_hpc/datasets/<name>``).
+
+    The ``${irm_hpc_data:NAME}`` resolver of the data presets. Raises ``ConfigError`` listing the
+    shipped data sets if there is none of that name.
+    """
+    path = DATA_DIR / name
+    if not path.is_dir():
+        have = sorted(p.name for p in DATA_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))) if DATA_DIR.is_dir() else []
+        raise ConfigError(f"no packaged data set '{name}' (have: {', '.join(have) or 'none'}); set data.path")
+    return path
+
+
 def register_configs() -> None:
-    """Register the structured schemas in hydra's ConfigStore and the ``repo_root`` resolver (idempotent)."""
-    if not OmegaConf.has_resolver("repo_root"):
-        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    """Register the structured schemas in hydra's ConfigStore and the ``irm_hpc_data`` resolver (idempotent)."""
+    if not OmegaConf.has_resolver("irm_hpc_data"):
+        OmegaConf.register_new_resolver("irm_hpc_data", lambda name: str(packaged_data(name)))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
@@ -239,6 +254,7 @@ def load_config(config_name: str = "train", overrides: Optional[list[str]] = Non
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
+        OmegaConf.to_container(cfg, resolve=True)  # a bad ${...} (e.g. irm_hpc_data:NAME) fails here, not mid-run
     except (HydraException, Exception) as exc:  # omegaconf errors are not HydraExceptions
         if isinstance(exc, ConfigError):
             raise
