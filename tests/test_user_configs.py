@@ -197,3 +197,21 @@ def test_config_dir_reaches_the_jobs(tmp_path):
     assert json.loads((run / "DONE").read_text())["step"] == 2
     cfg = (run / "config.yaml").read_text()
     assert "name: tiny_user" in cfg and "hidden_size: 16" in cfg
+
+
+def test_docs_worked_example_dry_runs(capsys, tmp_path, fake_sbatch):
+    """The three presets of docs/user_configs.md, as written there, give the sbatch lines it promises."""
+    import re
+
+    from conftest import REPO
+
+    doc = (REPO / "docs" / "user_configs.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    d = tmp_path / "irm-configs"
+    for rel, text in zip(["cluster/mycluster.yaml", "sweep/mysweep.yaml", "model/llama2_local.yaml"], blocks, strict=True):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(text)
+    out = _dry_run(capsys, ["--config-dir", str(d), "--sweep", "mysweep", "--cluster", "mycluster", "--dry-run"])
+    promised = re.findall(r"`(#SBATCH [^`]+)`", doc)
+    assert len(promised) == 5 and all(line in out for line in promised), (promised, out)
+    assert "module load cuda/12.4" in out and "sweep 'mysweep': 6 training tasks" in out
