@@ -5,25 +5,35 @@ package's ``irm_hpc/configs/`` directory (groups ``model``, ``data``, ``deepspee
 ``cluster``, ``sweep``) fill them in. ``MISSING`` marks fields a preset must set. Composition follows
 hydra's compose API (``hydra.compose``), so ``key=value`` overrides work as on any hydra app, and a
 misspelled key fails in struct mode.
+
+User config directories (same layout: ``<dir>/<group>/<preset>.yaml``) come before the package's in the
+search path (:func:`search_path`): ``--config-dir DIR`` (:func:`add_config_dirs`) and the environment
+variable ``IRM_HPC_CONFIG_PATH`` (``os.pathsep``-separated). A user preset with a packaged preset's name
+wins. :func:`presets` lists a group's presets over the whole search path.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from irm_hpc.errors import ConfigError  # noqa: F401  (re-exported: irm_hpc.config.ConfigError)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: in the wheel too
-REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(__file__).resolve().parent / "datasets"  # package data: data sets shipped with the package
+CONFIG_PATH_ENV = "IRM_HPC_CONFIG_PATH"  # user config dirs, os.pathsep-separated, first wins
 
 
 @dataclass
@@ -47,10 +57,12 @@ class DataConfig:
     name: str = MISSING
     path: str = MISSING  # local file/dir, or HF dataset name when format == "hf"
     format: str = "auto"  # auto | goemotions | tsv | csv | jsonl | parquet | hf
+    hf_config: Optional[str] = None  # HF dataset configuration name (format hf), e.g. "simplified"
     split: str = "train"
     text_column: str = "text"
     label_column: str = "label"
     labels_file: Optional[str] = None  # label names, one a line, when labels are integer ids
+    label_map: Optional[str] = None  # built-in label mapping applied to the label names (irm_hpc.data.LABEL_MAPS)
     single_label_only: bool = True  # drop multi-label rows (GoEmotions)
     max_length: int = 64  # tokens, truncation length
     eval_fraction: float = 0.1
@@ -170,10 +182,110 @@ class LaunchConfig:
     runs_root: str = "runs"
 
 
+def config_dirs() -> list[Path]:
+    """The user config directories, highest priority first, from ``$IRM_HPC_CONFIG_PATH``.
+
+    ``--config-dir`` puts its directories in front of the variable (:func:`add_config_dirs`). Empty
+    entries are ignored. Raises ``ConfigError`` for an entry that is not a directory.
+    """
+    dirs = []
+    for entry in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep):
+        if not entry.strip():
+            continue
+        path = Path(entry).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"config dir not found: {path} (from {CONFIG_PATH_ENV}); fix or unset {CONFIG_PATH_ENV}")
+        if path.resolve() not in dirs:
+            dirs.append(path.resolve())
+    return dirs
+
+
+def add_config_dirs(dirs: list[str]) -> list[Path]:
+    """Put ``dirs`` (``--config-dir`` values, first wins) in front of the user config search path.
+
+    They are written to ``$IRM_HPC_CONFIG_PATH`` as absolute paths, so the jobs this process submits
+    (submitit's local executor and sbatch both pass the environment on) compose their configs from the
+    same directories. Returns the resulting :func:`config_dirs`. Raises ``ConfigError`` for a ``dir``
+    that is not a directory.
+    """
+    new = []
+    for d in dirs:
+        path = Path(d).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"config dir not found: {path}; pass an existing directory to --config-dir")
+        new.append(str(path.resolve()))
+    if new:
+        old = [e for e in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if e.strip()]
+        os.environ[CONFIG_PATH_ENV] = os.pathsep.join(dict.fromkeys([*new, *old]))
+    return config_dirs()
+
+
+def split_config_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``--config-dir DIR`` / ``--config-dir=DIR`` out of a command line: ``(dirs, rest)``.
+
+    Raises ``ConfigError`` if ``--config-dir`` is last (no directory given).
+    """
+    dirs, rest, args = [], [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--config-dir":
+            if not args:
+                raise ConfigError("--config-dir needs a directory: --config-dir DIR")
+            dirs.append(args.pop(0))
+        elif arg.startswith("--config-dir="):
+            dirs.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return dirs, rest
+
+
+def search_path() -> list[Path]:
+    """Config directories in lookup order: the user dirs (:func:`config_dirs`), then the package's."""
+    return [*config_dirs(), CONFIG_DIR]
+
+
+def presets(group: str) -> list[str]:
+    """Sorted names of the presets of config ``group`` (``cluster``, ``sweep``, ``model``, ...) found in
+    any directory of :func:`search_path` (``<dir>/<group>/<name>.yaml``); schemas are left out. Raises
+    ``ConfigError`` for a bad ``$IRM_HPC_CONFIG_PATH`` entry."""
+    names = {p.stem for d in search_path() for p in (d / group).glob("*.yaml")}
+    return sorted(n for n in names if not n.endswith("_schema"))
+
+
+def packaged_data(name: str) -> Path:
+    """Directory of the data set ``name`` shipped inside the package (``irm_hpc/datasets/<name>``).
+
+    The ``${irm_hpc_data:NAME}`` resolver of the data presets. Raises ``ConfigError`` listing the
+    shipped data sets if there is none of that name.
+    """
+    path = DATA_DIR / name
+    if not path.is_dir():
+        have = sorted(p.name for p in DATA_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))) if DATA_DIR.is_dir() else []
+        raise ConfigError(f"no packaged data set '{name}' (have: {', '.join(have) or 'none'}); set data.path")
+    return path
+
+
+class UserConfigSearchPath(SearchPathPlugin):
+    """Hydra search-path plugin: the user config dirs go right before the package's config dir.
+
+    Hydra's own ``hydra.searchpath`` appends after the primary config dir, so a user preset could not
+    replace a packaged one of the same name; this plugin prepends instead. It only touches a search path
+    whose primary (``main``) directory is irm_hpc's ``configs/``.
+    """
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        if not any(e.provider == "main" and Path(e.path) == CONFIG_DIR for e in search_path.get_path()):
+            return
+        for d in config_dirs():  # highest priority first, each inserted just before "main"
+            search_path.prepend(provider="irm_hpc-user", path=f"file://{d}", anchor="main")
+
+
 def register_configs() -> None:
-    """Register the structured schemas in hydra's ConfigStore and the ``repo_root`` resolver (idempotent)."""
-    if not OmegaConf.has_resolver("repo_root"):
-        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    """Register the structured schemas in hydra's ConfigStore, the ``irm_hpc_data`` resolver and the
+    user search-path plugin (idempotent)."""
+    if not OmegaConf.has_resolver("irm_hpc_data"):
+        OmegaConf.register_new_resolver("irm_hpc_data", lambda name: str(packaged_data(name)))
+    Plugins.instance().register(UserConfigSearchPath)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
@@ -208,11 +320,8 @@ def _explain(exc: Exception, config_name: str, overrides: list[str]) -> str:
         valid = _valid_keys(base)
     except Exception:  # noqa: BLE001 - best effort listing only
         valid = []
-    group = bad.split(".")[0]
-    group_dir = CONFIG_DIR / group
-    if "." not in bad and group_dir.is_dir():
-        options = sorted(p.stem for p in group_dir.glob("*.yaml"))
-        options = [o for o in options if not o.endswith("_schema")]
+    options = presets(bad) if "." not in bad else []
+    if options:
         return f"config '{config_name}': unknown {bad} preset '{_value(overrides, bad)}'; valid {bad} presets: {', '.join(options)}"
     if bad in valid:
         return f"config '{config_name}': bad value '{_value(overrides, bad)}' for '{bad}': {msg.split(' full_key')[0]}"
@@ -228,14 +337,20 @@ def _value(overrides: list[str], key: str) -> str:
 def load_config(config_name: str = "train", overrides: Optional[list[str]] = None) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` with hydra ``key=value`` overrides.
 
-    Returns a struct-mode ``DictConfig``. Raises ``ConfigError`` (one line, listing valid keys or
-    presets) for an unknown key, a bad preset name or a type mismatch. Source: hydra compose API.
+    Presets are looked up along :func:`search_path` (user config dirs first). ``--config-dir DIR`` items
+    among ``overrides`` (``python -m irm_hpc.train --config-dir DIR key=value``) are taken out and added
+    with :func:`add_config_dirs`. Returns a struct-mode ``DictConfig``. Raises ``ConfigError`` (one line,
+    listing valid keys or presets) for an unknown key, a bad preset name, a type mismatch or a missing
+    config dir. Source: hydra compose API.
     """
     register_configs()
-    overrides = list(overrides or [])
+    dirs, overrides = split_config_dirs(list(overrides or []))
+    add_config_dirs(dirs)
+    config_dirs()  # a bad $IRM_HPC_CONFIG_PATH entry fails here, with its own message
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
+        OmegaConf.to_container(cfg, resolve=True)  # a bad ${...} (e.g. irm_hpc_data:NAME) fails here, not mid-run
     except (HydraException, Exception) as exc:  # omegaconf errors are not HydraExceptions
         if isinstance(exc, ConfigError):
             raise

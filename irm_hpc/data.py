@@ -3,12 +3,15 @@
 Formats (``DataConfig.format``; ``auto`` guesses from the path):
 
 * ``goemotions``: a directory with ``<split>.tsv`` (text, comma-separated label ids, id; no header, no
-  quoting) and ``labels.txt`` (one label a line), as in ``shared/data/goemotions-ekman``
-  (GoEmotions, Demszky et al. 2020, Ekman taxonomy);
+  quoting) and ``labels.txt`` (one label a line), as in the packaged ``irm_hpc/datasets/goemotions_ekman``
+  (GoEmotions, Demszky et al. 2020, Ekman taxonomy; the default of ``data=goemotions_ekman``);
 * ``tsv`` / ``csv`` / ``jsonl`` / ``parquet``: a table with ``text_column`` and ``label_column`` (label
   names, or integer ids resolved through ``labels_file``);
-* ``hf``: ``datasets.load_dataset(path, split=split)``; integer labels are resolved through the
-  dataset's ``ClassLabel`` names.
+* ``hf``: ``datasets.load_dataset(path, hf_config, split=split)``; integer labels are resolved through
+  the dataset's ``ClassLabel`` names (``data=goemotions_hub``).
+
+``data.label_map`` names a mapping of :data:`LABEL_MAPS` applied to every row's label names (duplicates
+dropped) before ``single_label_only`` keeps the rows with exactly one label.
 """
 
 from __future__ import annotations
@@ -29,6 +32,25 @@ class DataError(IrmError, ValueError):
     """Bad data source or selection (one-line message naming the problem and the fix)."""
 
 
+# GoEmotions' Ekman grouping, verbatim from google-research/google-research goemotions/data/ekman_mapping.json
+# (Demszky et al. 2020, Apache-2.0), plus neutral, which that file leaves as is. Ekman label -> GoEmotions labels.
+GOEMOTIONS_EKMAN: dict[str, list[str]] = {
+    "anger": ["anger", "annoyance", "disapproval"],
+    "disgust": ["disgust"],
+    "fear": ["fear", "nervousness"],
+    "joy": ["joy", "amusement", "approval", "excitement", "gratitude", "love", "optimism", "relief", "pride",
+            "admiration", "desire", "caring"],
+    "sadness": ["sadness", "disappointment", "embarrassment", "grief", "remorse"],
+    "surprise": ["surprise", "realization", "confusion", "curiosity"],
+    "neutral": ["neutral"],
+}
+
+# data.label_map names: source label -> target label
+LABEL_MAPS: dict[str, dict[str, str]] = {
+    "goemotions_ekman": {fine: coarse for coarse, fines in GOEMOTIONS_EKMAN.items() for fine in fines},
+}
+
+
 @dataclass
 class AlignmentData:
     """Texts for one IRM run. ``labels`` lists every alignment label present in the source."""
@@ -46,7 +68,7 @@ def _read_labels_file(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def _read_goemotions(root: Path, split: str, single_label_only: bool) -> list[tuple[str, list[str]]]:
+def _read_goemotions(root: Path, split: str) -> list[tuple[str, list[str]]]:
     names = _read_labels_file(root / "labels.txt")
     tsv = root / f"{split}.tsv"
     if not tsv.is_file():
@@ -58,8 +80,6 @@ def _read_goemotions(root: Path, split: str, single_label_only: bool) -> list[tu
             if len(rec) < 2:
                 continue
             ids = [int(x) for x in rec[1].split(",") if x.strip()]
-            if single_label_only and len(ids) != 1:
-                continue
             rows.append((rec[0], [names[i] for i in ids]))
     return rows
 
@@ -88,22 +108,51 @@ def _read_table(path: Path, fmt: str, cfg) -> list[tuple[str, list[str]]]:
             raise DataError(f"column '{col}' not in {path} (columns: {', '.join(map(str, frame.columns))}); set data.text_column/label_column")
     names = _read_labels_file(Path(cfg.labels_file)) if cfg.labels_file else None
     labels = _label_names(frame[cfg.label_column].tolist(), names)
-    return [(str(t), ls) for t, ls in zip(frame[cfg.text_column].tolist(), labels) if not cfg.single_label_only or len(ls) == 1]
+    return [(str(t), ls) for t, ls in zip(frame[cfg.text_column].tolist(), labels)]
+
+
+def rows_from_hf(ds, text_column: str, label_column: str) -> list[tuple[str, list[str]]]:
+    """``(text, [label name, ...])`` rows of a ``datasets.Dataset`` (every row, no filtering).
+
+    Integer labels, or lists of them (GoEmotions' ``labels``: ``Sequence(ClassLabel)``), become names
+    through the column's ``ClassLabel`` names. Raises ``DataError`` naming the columns present if
+    ``text_column`` or ``label_column`` is absent.
+    """
+    for col in (text_column, label_column):
+        if col not in ds.column_names:
+            raise DataError(f"column '{col}' not in the HF dataset (columns: {', '.join(ds.column_names)}); set data.text_column/label_column")
+    feature = ds.features[label_column]
+    inner = getattr(feature, "feature", feature)
+    names = list(inner.names) if hasattr(inner, "names") else None
+    values = [v if not isinstance(v, list) else ",".join(map(str, v)) for v in ds[label_column]]
+    return list(zip(ds[text_column], _label_names(values, names)))
 
 
 def _read_hf(cfg) -> list[tuple[str, list[str]]]:
     import datasets
 
+    hf_config = cfg.get("hf_config")
     try:
-        ds = datasets.load_dataset(cfg.path, split=cfg.split)
+        ds = datasets.load_dataset(cfg.path, hf_config, split=cfg.split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types
-        raise DataError(f"cannot load HF dataset '{cfg.path}' split '{cfg.split}': {' '.join(str(exc).split())[:200]}") from None
-    feature = ds.features.get(cfg.label_column)
-    inner = getattr(feature, "feature", feature)
-    names = list(inner.names) if hasattr(inner, "names") else None
-    values = [v if not isinstance(v, list) else ",".join(map(str, v)) for v in ds[cfg.label_column]]
-    labels = _label_names(values, names)
-    return [(t, ls) for t, ls in zip(ds[cfg.text_column], labels) if not cfg.single_label_only or len(ls) == 1]
+        raise DataError(f"cannot load HF dataset '{cfg.path}' config '{hf_config}' split '{cfg.split}': {' '.join(str(exc).split())[:200]}; check the name and network, or use data=goemotions_ekman (packaged)") from None
+    return rows_from_hf(ds, cfg.text_column, cfg.label_column)
+
+
+def map_labels(rows: list[tuple[str, list[str]]], mapping: dict[str, str], name: str = "label_map") -> list[tuple[str, list[str]]]:
+    """Replace each row's label names by ``mapping[label]``, keeping the first of repeated targets.
+
+    E.g. with ``LABEL_MAPS["goemotions_ekman"]``, ``["annoyance", "anger", "joy"]`` becomes
+    ``["anger", "joy"]``. Raises ``DataError`` for a label the mapping does not cover.
+    """
+    out = []
+    for text, labels in rows:
+        try:
+            mapped = list(dict.fromkeys(mapping[label] for label in labels))
+        except KeyError as exc:
+            raise DataError(f"label '{exc.args[0]}' is not covered by data.label_map '{name}'; fix data.label_map or the data") from None
+        out.append((text, mapped))
+    return out
 
 
 def guess_format(path: str) -> str:
@@ -124,19 +173,30 @@ def guess_format(path: str) -> str:
 def read_rows(cfg) -> list[tuple[str, list[str]]]:
     """Read ``(text, [label, ...])`` rows from the source described by ``cfg`` (a ``DataConfig``).
 
-    Raises ``DataError`` for a missing path, split, column or labels file.
+    Labels go through ``data.label_map`` if set; with ``data.single_label_only`` only rows with exactly
+    one (mapped) label are kept. Raises ``DataError`` for a missing path, split, column or labels file,
+    or an unknown ``data.label_map``.
     """
     fmt = guess_format(cfg.path) if cfg.format == "auto" else cfg.format
     path = Path(cfg.path).expanduser()
+    label_map = cfg.get("label_map")
+    if label_map is not None and label_map not in LABEL_MAPS:
+        raise DataError(f"unknown data.label_map '{label_map}': use one of {', '.join(LABEL_MAPS)} or null")
     if fmt == "goemotions":
         if not path.is_dir():
             raise DataError(f"GoEmotions directory not found: {path}; set data.path")
-        return _read_goemotions(path, cfg.split, cfg.single_label_only)
-    if fmt in {"tsv", "csv", "jsonl", "parquet"}:
-        return _read_table(path, fmt, cfg)
-    if fmt == "hf":
-        return _read_hf(cfg)
-    raise DataError(f"unknown data.format '{fmt}': use auto, goemotions, tsv, csv, jsonl, parquet or hf")
+        rows = _read_goemotions(path, cfg.split)
+    elif fmt in {"tsv", "csv", "jsonl", "parquet"}:
+        rows = _read_table(path, fmt, cfg)
+    elif fmt == "hf":
+        rows = _read_hf(cfg)
+    else:
+        raise DataError(f"unknown data.format '{fmt}': use auto, goemotions, tsv, csv, jsonl, parquet or hf")
+    if label_map is not None:
+        rows = map_labels(rows, LABEL_MAPS[label_map], label_map)
+    if cfg.single_label_only:
+        rows = [(t, ls) for t, ls in rows if len(ls) == 1]
+    return rows
 
 
 def _split(texts: list[str], fraction: float, max_eval: int, seed: int) -> tuple[list[str], list[str]]:

@@ -224,7 +224,8 @@ class SlurmSweepExecutor(SweepExecutor):
         ex = self._executor(sweep.train_logs, self.train_job_name(manifest.sweep), len(tasks))
         try:
             with ex.batch():
-                jobs = [ex.submit(TrainTask(t.overrides, str(manifest.task_dir(t)))) for t in tasks]
+                jobs = [ex.submit(TrainTask(t.overrides, str(manifest.task_dir(t)), manifest.config_dirs))
+                        for t in tasks]
         except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
             raise LaunchError(f"Slurm rejected the training array: {one_line(exc)}") from None
         array_id = jobs[0].job_id.split("_")[0]

@@ -45,21 +45,23 @@ def _export_dist_env() -> None:
 class TrainTask(submitit.helpers.Checkpointable):
     """Train one IRM: ``TrainTask(overrides, out_dir)()`` == ``python -m irm_hpc.train *overrides out_dir=...``."""
 
-    def __init__(self, overrides: list[str], out_dir: str):
+    def __init__(self, overrides: list[str], out_dir: str, config_dirs: Optional[list[str]] = None):
         self.overrides = list(overrides)
         self.out_dir = str(out_dir)
+        self.config_dirs = [str(d) for d in config_dirs or []]  # the sweep's user config dirs (manifest)
 
     def __call__(self) -> dict:
-        from irm_hpc.config import load_config
+        from irm_hpc.config import add_config_dirs, load_config
         from irm_hpc.train import train_main
 
         _export_dist_env()
+        add_config_dirs(self.config_dirs)
         cfg = load_config("train", [*self.overrides, f"out_dir={self.out_dir}"])
         return train_main(cfg)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Requeue the same task; it resumes from the latest DeepSpeed checkpoint of ``out_dir``."""
-        return submitit.helpers.DelayedSubmission(TrainTask(self.overrides, self.out_dir))
+        return submitit.helpers.DelayedSubmission(TrainTask(self.overrides, self.out_dir, self.config_dirs))
 
 
 class AnalysisMapTask:
@@ -126,7 +128,7 @@ class LocalSweep:
             if RunDir(manifest.task_dir(task)).is_done():
                 continue
             job = local_executor(sweep.train_logs, timeout_min=self.TASK_TIMEOUT_MIN).submit(
-                TrainTask(task.overrides, str(manifest.task_dir(task))))
+                TrainTask(task.overrides, str(manifest.task_dir(task)), manifest.config_dirs))
             record_submission(self.sweep_dir, [task.index], [job.job_id], "local")
             try:
                 job.result()

@@ -19,7 +19,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from irm_hpc.config import CONFIG_DIR, ConfigError, load_config, to_yaml
+from irm_hpc.config import ConfigError, add_config_dirs, config_dirs, load_config, presets, split_config_dirs, to_yaml
 from irm_hpc.errors import cli_errors, one_line
 from irm_hpc.executors import LaunchError, Submission, executor_kind, make_executor, map_chunks
 from irm_hpc.layout import SweepDir
@@ -43,7 +43,7 @@ def create_sweep(cfg: DictConfig, kind: str, name: Optional[str]) -> Manifest:
     tasks = expand_tasks(list(sweep.alignments), list(sweep.seeds), list(sweep.layer_sets), list(sweep.train_overrides))
     sweep_dir.mkdir(parents=True)
     manifest = Manifest(sweep_dir=sweep_dir, sweep=sweep.name, executor=kind, created=time.time(),
-                        config_yaml=to_yaml(cfg), tasks=tasks)
+                        config_yaml=to_yaml(cfg), tasks=tasks, config_dirs=[str(d) for d in config_dirs()])
     manifest.save()
     return manifest
 
@@ -73,9 +73,12 @@ def print_plan(cfg: DictConfig, tasks: list[Task], kind: str) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    sweeps = sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml"))
-    clusters = sorted(p.stem for p in (CONFIG_DIR / "cluster").glob("*.yaml"))
+    dirs, argv = split_config_dirs(argv)
+    add_config_dirs(dirs)  # before listing presets; exported to the jobs' environment too
+    sweeps, clusters = presets("sweep"), presets("cluster")
     parser = argparse.ArgumentParser(prog="python -m irm_hpc.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-dir", metavar="DIR", action="append",
+                        help="user presets (DIR/cluster/*.yaml, DIR/sweep/*.yaml, ...) before the packaged ones; repeatable")
     parser.add_argument("--sweep", help=f"sweep preset: {', '.join(sweeps)}")
     parser.add_argument("--cluster", default="auto", help=f"cluster preset: {', '.join(clusters)}")
     parser.add_argument("--name", help="sweep directory name under runs_root (default <sweep>-<timestamp>)")
@@ -85,7 +88,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-") or "=" not in o]
     if bad:
-        raise ConfigError(f"unknown argument {bad[0]}; use --sweep/--cluster/--name/--dry-run/--wait/--resume or key=value overrides")
+        raise ConfigError(f"unknown argument {bad[0]}; use --sweep/--cluster/--config-dir/--name/--dry-run/--wait/--resume or key=value overrides")
     if not args.resume and not args.sweep:
         raise ConfigError(f"--sweep is required (presets: {', '.join(sweeps)})")
     if args.sweep and args.sweep not in sweeps:

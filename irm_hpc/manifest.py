@@ -66,6 +66,7 @@ class Manifest:
     created: float
     config_yaml: str
     tasks: list[Task]
+    config_dirs: list[str] = field(default_factory=list)  # user config dirs at launch (absolute); jobs use them
     train_job_ids: list[str] = field(default_factory=list)  # array job id per submission round
     analysis_job_ids: list[str] = field(default_factory=list)
     schema_version: int = MANIFEST_VERSION

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from irm_hpc.config import add_config_dirs
 from irm_hpc.executors import LIVE, RESUBMIT, Submission, for_manifest
 from irm_hpc.manifest import load_manifest, locked
 from irm_hpc.status import TaskRow, task_rows
@@ -33,7 +34,7 @@ def resume(sweep_dir: str, dry_run: bool) -> Optional[tuple[object, Submission]]
     submit each task once. Completed and live tasks are untouched. Returns ``(manifest, submission)``,
     or None when nothing was submitted. Raises ``ManifestError`` for a directory that is not a sweep.
     """
-    load_manifest(sweep_dir)  # a bad directory fails here, before a lock file is created
+    add_config_dirs(load_manifest(sweep_dir).config_dirs)  # a bad directory fails here, before a lock file exists
     with locked(sweep_dir):
         manifest = load_manifest(sweep_dir)
         rows, note = task_rows(manifest)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-GOEMOTIONS = Path(os.environ.get("IRM_HPC_DATA", REPO.parent / "shared" / "data" / "goemotions-ekman"))
+GOEMOTIONS = Path(os.environ.get("IRM_HPC_DATA", REPO / "irm_hpc" / "datasets" / "goemotions_ekman"))  # shipped
 
 WORDS = {
     "anger": "furious rage hate shouting slammed outraged livid annoyed damn stupid".split(),
