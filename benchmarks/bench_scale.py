@@ -1,4 +1,5 @@
-"""The 200-task sweep of tests/test_scale_slurm.py, timed, on the simulated 4-node Slurm.
+"""A 200-task sweep (the CI test tests/test_scale_slurm.py at 10x its size, parallelism 8), timed, on the
+simulated 4-node Slurm.
 
     sudo bash slurm/up.sh --nodes 4 --cpus-per-node 4
     python benchmarks/bench_scale.py [--runs-root /tmp/irm_bench_scale]
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the test's sweep definition and sacct
 
 from irm_hpc.manifest import load_manifest  # noqa: E402
 from slurm_utils import peak_running, queue_empty, sacct_final  # noqa: E402
-from test_scale_slurm import launch_200  # noqa: E402
+from test_scale_slurm import launch_sweep  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_scale.json"
 
@@ -46,7 +47,7 @@ def main() -> None:
     nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c"], capture_output=True, text=True, check=True).stdout.split("\n")
     t_submit = datetime.now().replace(microsecond=0)
     t0 = time.perf_counter()
-    sweep = launch_200(root)
+    sweep = launch_sweep(root, "s200", n_seeds=40, parallelism=8, runs_per_map=25)
     res: dict = {"submit_200_in_process_s": time.perf_counter() - t0, "cluster": [n for n in nodes if n]}
     m = load_manifest(sweep)
     ids = [m.train_job_ids[0], *m.analysis_job_ids]

@@ -275,12 +275,15 @@ def test_mixed_layer_sets(tmp_path):
     """Runs injecting into different layers: per-run nulls differ, heatmaps share the model-layer grid."""
     write_run(tmp_path / "full", "anger", 0, n_probes=2)
     write_run(tmp_path / "half", "anger", 1, n_probes=2, layers=(0, 1, 2, 3, 6))
-    s = analyze([tmp_path / "full", tmp_path / "half"], tmp_path / "out", [*PARAMS, "max_heatmap_runs=2", "workers=2"],
-                progress=False)
+    write_run(tmp_path / "half2", "anger", 2, n_probes=2, layers=(0, 1, 2, 3, 6))
+    s = analyze([tmp_path / "full", tmp_path / "half", tmp_path / "half2"], tmp_path / "out",
+                [*PARAMS, "max_heatmap_runs=2", "workers=2"], progress=False)
     assert s["timing"]["map_workers"] == 2  # the multiprocessing path
-    assert {r["name"]: r["layer_set"] for r in s["runs"]} == {"full": "all", "half": "0-3,6"}
-    assert {r["name"]: r["n_inj"] for r in s["runs"]} == {"full": 8, "half": 5}
-    assert len(s["null"]) >= 2 and "layer_set" in s["clustering"]["by_factor"] or s["clustering"]["main"] is None
+    assert {r["name"]: r["layer_set"] for r in s["runs"]} == {"full": "all", "half": "0-3,6", "half2": "0-3,6"}
+    assert {r["name"]: r["n_inj"] for r in s["runs"]} == {"full": 8, "half": 5, "half2": 5}
+    assert len(s["null"]) >= 2, "one permutation null per (hidden, member counts): the layer sets differ"
+    by_layer_set = s["clustering"]["by_factor"]["layer_set"]  # a factor as soon as runs differ in it
+    assert by_layer_set["n_clusters"] == 2 and len(by_layer_set["agglomerative"]) == len(by_layer_set["kmeans"]) == 3
     assert {*SHARED} <= {e["index"] for e in s["consensus"]["indices"]}
     assert (tmp_path / "out" / "figures" / "alignment_heatmaps.png").is_file()
 

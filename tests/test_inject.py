@@ -1,4 +1,5 @@
-"""Injection hooks equal a hand-written decoder loop that adds the IRM vectors (Llama and Qwen2)."""
+"""Injection hooks equal a hand-written decoder loop that adds the IRM vectors (Llama, Qwen2, Mistral, and
+Gemma2, whose hook site is ``post_attention_layernorm`` rather than ``self_attn``)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from irm_hpc.inject import UnsupportedArchitectureError, count_hooks, decoder_layers, inject, resolve_layers
+from irm_hpc.inject import (UnsupportedArchitectureError, count_hooks, decoder_layers, inject, injection_site,
+                            resolve_layers)
 from irm_hpc.irm import IRM
 
 ARCHS = {
     "llama": dict(num_key_value_heads=2),
     "qwen2": dict(num_key_value_heads=2),
     "mistral": dict(num_key_value_heads=2),
+    # Gemma2: sandwich norms (post_attention_layernorm on the attention output, pre/post feed-forward
+    # norms); no final logit soft-capping so the reference loop needs none, sliding window > sequence.
+    "gemma2": dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=None, sliding_window=64),
 }
 
 
@@ -38,12 +43,16 @@ def reference_logits(model, irm: IRM, ids: torch.Tensor) -> torch.Tensor:
     for i, layer in enumerate(base.layers):
         attn = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask, position_embeddings=pe,
                                position_ids=pos)[0]
-        h = h + attn
+        gemma = hasattr(layer, "pre_feedforward_layernorm")
+        h = h + (layer.post_attention_layernorm(attn) if gemma else attn)
         if i == 0:
             v = irm(h)
         if i in slot:
             h = h + v[..., slot[i], :]
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if gemma:
+            h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        else:
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(base.norm(h))
 
 
@@ -65,8 +74,11 @@ def test_injection_equals_reference_loop(arch, layers):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_no_hook_left_behind_even_on_error():
-    model = tiny("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_no_hook_left_behind_even_on_error(arch):
+    model = tiny(arch)
+    if arch == "gemma2":
+        assert injection_site(decoder_layers(model)[0]) is decoder_layers(model)[0].post_attention_layernorm
     before = count_hooks(model)
     irm = IRM(32, [0, 1, 2])
     with inject(model, irm) as state:

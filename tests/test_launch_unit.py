@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,4 +184,10 @@ def test_rendezvous_port_of_array_tasks(monkeypatch, ntasks):
     else:
         assert os.environ["MASTER_ADDR"] == "n1" and port == job_master_port("1200_34")
         assert 20000 <= port < ephemeral_port_range()[0]
-    assert [job_master_port(f"7_{i}") for i in range(3)] == [job_master_port(f"7_{i}") for i in range(3)]
+    # every rank computes the port in its own process: it must depend on the job id alone (not on hash
+    # randomisation or process state), and differ between jobs sharing a host
+    other = subprocess.run([sys.executable, "-c", "from irm_hpc.dist import job_master_port as p; "
+                            "print(*[p(f'7_{i}') for i in range(20)])"], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert other.stdout.split() == [str(job_master_port(f"7_{i}")) for i in range(20)]
+    assert len({job_master_port(f"7_{i}") for i in range(20)}) >= 18
