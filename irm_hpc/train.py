@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from irm_hpc.components.checkpoint import Checkpointer, check_keep_settings, resume_mode
-from irm_hpc.components.engine import IRMLoss, build_engine
+from irm_hpc.components.engine import IRMLoss, build_engine, init_irm
 from irm_hpc.components.preemption import PreemptionGuard
 from irm_hpc.components.recording import InjectionRecording, last_profile_step
 from irm_hpc.components.tracking import MetricsLog
@@ -69,8 +69,7 @@ class Trainer:
                           "other": tokenize(self.tokenizer, self.data.eval_other, ml)}
         self.sampler = ResumableSampler(len(self.train_ids), cfg.train.micro_batch_size, cfg.seed, dist.rank,
                                         dist.world_size)
-        torch.manual_seed(cfg.seed)  # IRM init depends on the seed only
-        irm = IRM(self.hidden, self.layers, cfg.irm.width_multiplier, cfg.irm.depth)
+        irm = init_irm(self.hidden, self.layers, cfg.irm, cfg.seed)
         irm.to(self.device)
         self.module = IRMLoss(irm, self.lm)
         self.engine, self.scheduler = build_engine(cfg, self.module, self.device)
@@ -191,6 +190,7 @@ class Trainer:
             if saved:
                 self.save(step)
             if self.guard.requested(self.dist.world_size):
+                log0("preemption checkpoint at step %d", step)
                 if not saved:
                     self.save(step)
                 self.guard.release(self.dist.is_main)

@@ -8,24 +8,24 @@ an uninterrupted run of the same seed and an HDF5 stream holding each recorded s
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, clean_env, run_module
 from irm_hpc import launch
-from irm_hpc.manifest import load_manifest
+from irm_hpc.manifest import load_manifest, locked
 from irm_hpc.record import open_run
 from irm_hpc.status import task_rows
-from slurm_utils import queue_empty, requires_slurm, sacct, sacct_final, wait_for
+from slurm_utils import queue_empty, requires_slurm, sacct_final, wait_for
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 
@@ -54,6 +54,30 @@ def _job_pid(job_id: str) -> int | None:
                 and f"SLURM_ARRAY_TASK_ID={task}".encode() in env:
             return int(proc.name)
     return None
+
+
+def _has_open(pid: int, path: str) -> bool:
+    """Whether process ``pid`` has ``path`` open (``/proc/<pid>/fd``)."""
+    try:
+        return any(os.readlink(fd) == path for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+def _train_tasks_submitted_since(t0: datetime, job_name: str) -> dict[str, int]:
+    """Array tasks named ``job_name`` that Slurm accepted at or after ``t0``: {task id: allocations}, from
+    ``sacct`` (not from the manifest the code under test writes)."""
+    from irm_hpc.executors import _expand
+
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-D", "-S", t0.isoformat(), "--name", job_name,
+                          "--format=JobID,Submit"], capture_output=True, text=True, check=True).stdout
+    seen: dict[str, int] = {}
+    for line in out.splitlines():
+        jid, submit = line.split("|")
+        if datetime.fromisoformat(submit) >= t0:
+            for task in _expand(jid):
+                seen[task] = seen.get(task, 0) + 1
+    return seen
 
 
 def _latest_step(run_dir: Path) -> int:
@@ -99,12 +123,21 @@ def test_cancel_kill_status_and_concurrent_resume(tmp_path):
     rows, note = task_rows(m)
     assert note == "" and 50 <= rows[0].step < STEPS and rows[2].node == "n1"
 
-    # two resumes at once: each failed task is submitted exactly once
-    procs = [subprocess.Popen([sys.executable, "-m", "irm_hpc.launch", "--resume", str(sweep)], cwd=REPO,
-                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    # two resumes at once, forced to overlap: the test holds the manifest lock until both processes wait
+    # for it. Each failed task must be submitted exactly once, counted from Slurm's accounting.
+    t_resume = datetime.now().replace(microsecond=0)
+    time.sleep(1)  # sacct's Submit has 1 s resolution
+    with locked(sweep):
+        procs = [subprocess.Popen([sys.executable, "-m", "irm_hpc.launch", "--resume", str(sweep)], cwd=REPO,
+                                  env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        lock = str((sweep / "manifest.lock").resolve())
+        wait_for(lambda: all(_has_open(p.pid, lock) for p in procs), 60, "both resumes to wait on the manifest lock",
+                 poll_s=0.05)
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
+    submitted = _train_tasks_submitted_since(t_resume, "irm-smoke")
+    assert sorted(submitted.values()) == [1, 1] and len({j.split("_")[0] for j in submitted}) == 1, submitted
     m = load_manifest(sweep)
     reasons = {t.task_id: [s["reason"] for s in t.submissions] for t in m.tasks}
     assert reasons == {t0.task_id: ["launch", "resume"], t1.task_id: ["launch", "resume"],
@@ -151,6 +184,12 @@ def test_timeout_requeues_and_completes(tmp_path):
     assert "checkpointing at the next step boundary" in log, "the timeout signal never reached the trainer"
     assert "Requeued job" in log, "submitit did not requeue the job"
     assert "resuming from checkpoint" in log, "the requeued job did not resume from its checkpoint"
+    # each requeued run resumed from the checkpoint written at the signal's step boundary, not from a
+    # periodic one (every 2000 steps): the steps match, and they are not all multiples of 2000
+    signalled = [int(s) for s in re.findall(r"preemption checkpoint at step (\d+)", log)]
+    resumed = [int(s) for s in re.findall(r"resuming from checkpoint step (\d+)", log)]
+    assert signalled and sorted(resumed) == sorted(signalled), (signalled, resumed)
+    assert any(s % 2000 for s in signalled), f"every preemption step was also a periodic checkpoint: {signalled}"
     assert sacct_final([task.job_id.split("_")[0]])[task.job_id]["State"] == "COMPLETED"
     with open_run(out) as run:
         assert run.steps.tolist() == list(range(0, steps + 1, 500))

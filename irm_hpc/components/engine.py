@@ -42,6 +42,13 @@ class IRMLoss(nn.Module):
         return out.loss
 
 
+def init_irm(hidden_size: int, layers: list[int], irm_cfg, seed: int) -> IRM:
+    """The IRM of a run before training: torch seeded with the run's ``seed`` right before it is built, so
+    its initial weights depend on the seed and ``irm`` config only (not on model or data loading)."""
+    torch.manual_seed(seed)
+    return IRM(hidden_size, layers, irm_cfg.width_multiplier, irm_cfg.depth)
+
+
 def lr_lambda(cfg_train) -> Callable[[int], float]:
     """Multiplier of the base lr at optimizer step ``s``: linear warmup, then constant/linear/cosine decay.
 
