@@ -155,7 +155,9 @@ class ClusterConfig:
     array_parallelism: int = 64  # max array tasks running at once (slurm_array_parallelism)
     signal_delay_s: int = 90  # timeout signal this many seconds before the limit (requeue checkpoint)
     max_num_timeout: int = 3  # requeues after a timeout before giving up
-    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load ...)
+    # Shell lines before srun (module load ...): run verbatim by bash as you, by design, so they are not
+    # validated; put only your own lines there. Every other cluster string is checked for the #SBATCH line.
+    setup: list[str] = field(default_factory=list)
     additional_parameters: dict = field(default_factory=dict)  # extra #SBATCH options
     analysis_cpus: int = 2
     analysis_mem_gb: float = 4.0

@@ -8,7 +8,8 @@ its traceback.
 
 ``ConfigError`` is defined here; the other subclasses live beside the code that raises them: ``data.DataError``,
 ``models.ModelLoadError``, ``inject.UnsupportedArchitectureError``, ``train.TrainError``,
-``manifest.ManifestError``, ``launch.LaunchError``, ``record.RecordError``, ``analysis.AnalysisError``.
+``launch.LaunchError``, ``record.RecordError``, ``analysis.AnalysisError``. ``ManifestError`` and
+``UnsafePathError`` are defined here too (``layout`` raises them; ``manifest.ManifestError`` is the same class).
 Most also derive from ``ValueError`` or ``RuntimeError``, as before, so existing ``except`` clauses hold.
 """
 
@@ -28,6 +29,16 @@ class ConfigError(IrmError, ValueError):
     Defined here rather than in ``irm_hpc.config`` so that light modules (``inject``, ``irm``, ``dist``)
     raise it without importing hydra; ``irm_hpc.config.ConfigError`` is the same class.
     """
+
+
+class ManifestError(IrmError, ValueError):
+    """Not a sweep directory, unreadable or malformed manifest, a manifest of a newer schema, or a task
+    ``out_dir`` outside its sweep (one line). ``irm_hpc.manifest.ManifestError`` is the same class."""
+
+
+class UnsafePathError(IrmError, PermissionError):
+    """A directory or file irm_hpc would unpickle from (or act on) is writable by other users or owned
+    by another uid; the one-line message carries the ``chmod`` / ``chown`` command that fixes it."""
 
 
 def one_line(exc: BaseException, *, with_type: bool = False) -> str:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Optional
 import submitit
 from omegaconf import DictConfig
 
-from irm_hpc.errors import IrmError, one_line
+from irm_hpc.errors import ConfigError, IrmError, one_line
 from irm_hpc.jobs import AnalysisMapTask, AnalysisReduceTask, LocalSweep, TrainTask, local_executor
 from irm_hpc.layout import SweepDir
 from irm_hpc.manifest import Manifest, Task, analysis_params
@@ -95,6 +95,9 @@ class SweepExecutor(abc.ABC):
     def preview(self, n_tasks: int, folder: Path, job_name: str = "irm-train") -> Optional[str]:
         """The batch script the training array would be submitted with, or None (no batch script)."""
         return None
+
+    def validate(self, sweep_name: str, n_tasks: int) -> None:
+        """Check the cluster settings before anything is created (``ConfigError``); no-op by default."""
 
     @staticmethod
     def train_job_name(sweep_name: str) -> str:
@@ -166,6 +169,56 @@ def map_chunks(run_dirs: list[str], runs_per_task: int) -> list[list[str]]:
     return [run_dirs[i:i + runs_per_task] for i in range(0, len(run_dirs), runs_per_task)]
 
 
+# What may go into an "#SBATCH --key=value" line. submitit shell-quotes values but not keys, and a
+# newline (or any control character) inside quotes still ends the #SBATCH comment: the rest of the
+# value would run as shell in the batch script. Names (partition, account, qos, job name) take the
+# characters Slurm names are made of; other values (constraint, additional_parameters) any printable
+# character (submitit quotes them); keys are option names.
+SBATCH_NAME_RE = re.compile(r"[A-Za-z0-9._,-]+")
+SBATCH_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+SBATCH_NAMES = {"job_name": "sweep.name (the job name irm-<sweep>)", "partition": "cluster.partition",
+                "account": "cluster.account", "qos": "cluster.qos"}
+SBATCH_CONFIG_KEYS = {"constraint": "cluster.constraint", "dependency": "dependency"}
+
+
+def check_sbatch_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """Return ``params`` (``submitit.SlurmExecutor`` parameters) if every string can sit in one
+    ``#SBATCH`` line; ``setup`` lines are shell by design and not checked.
+
+    Raises ``ConfigError`` naming the config key: a control character (newline, CR, tab, NUL, ...) in
+    any value or ``additional_parameters`` key, a partition/account/qos/job name outside
+    ``[A-Za-z0-9._,-]``, an ``additional_parameters`` key that is not an option name.
+    """
+    def bad(key: str, value: Any, rule: str) -> ConfigError:
+        return ConfigError(f"{key} {str(value)!r} cannot go into an #SBATCH line: {rule}")
+
+    for name, value in params.items():
+        if name in ("setup", "additional_parameters") or not isinstance(value, str):
+            continue
+        if name in SBATCH_NAMES:
+            if not SBATCH_NAME_RE.fullmatch(value):
+                raise bad(SBATCH_NAMES[name], value, "use letters, digits and . _ , - only")
+        elif not value.isprintable():
+            raise bad(SBATCH_CONFIG_KEYS.get(name, f"cluster.{name}"), value,
+                      "remove the newline/control character")
+    for key, value in (params.get("additional_parameters") or {}).items():
+        if not isinstance(key, str) or not SBATCH_KEY_RE.fullmatch(key):
+            raise bad("cluster.additional_parameters key", key, "use an sbatch option name (letters, digits, _ -)")
+        if not isinstance(value, (bool, int, float, str)) or not str(value).isprintable():
+            raise bad(f"cluster.additional_parameters.{key}", value,
+                      "use a single-line string, number or true (remove the newline/control character)")
+    return params
+
+
+def check_sbatch_folder(folder: Path) -> Path:
+    """Return ``folder`` (a submitit log folder: ``#SBATCH --output=<folder>/...``) if it has no control
+    character. Raises ``ConfigError`` (naming ``runs_root`` / ``--name``)."""
+    if not str(folder).isprintable():
+        raise ConfigError(f"log folder {str(folder)!r} cannot go into an #SBATCH line: remove the newline/control "
+                          "character from runs_root or --name")
+    return folder
+
+
 class SlurmSweepExecutor(SweepExecutor):
     """One job array for training, a map array and a reduce job for the analysis (see module doc)."""
 
@@ -173,7 +226,10 @@ class SlurmSweepExecutor(SweepExecutor):
 
     def parameters(self, name: str, n_tasks: int = 1, dependency: Optional[str] = None,
                    analysis: bool = False) -> dict[str, Any]:
-        """``submitit.SlurmExecutor`` parameters from the cluster preset (analysis jobs: 1 task, no GPU)."""
+        """``submitit.SlurmExecutor`` parameters from the cluster preset (analysis jobs: 1 task, no GPU).
+
+        Raises ``ConfigError`` for a value that cannot sit in one ``#SBATCH`` line
+        (:func:`check_sbatch_parameters`: a newline in ``cluster.partition`` would run as shell)."""
         c = self.cluster
         extra = dict(c.additional_parameters)
         if dependency:
@@ -191,10 +247,18 @@ class SlurmSweepExecutor(SweepExecutor):
                           mem=f"{int(c.mem_gb * 1024)}MB", time=int(c.timeout_min))
             if c.gpus_per_node:
                 params["gpus_per_node"] = int(c.gpus_per_node)
-        return {k: v for k, v in params.items() if v not in (None, [], {})}
+        return check_sbatch_parameters({k: v for k, v in params.items() if v not in (None, [], {})})
+
+    def validate(self, sweep_name: str, n_tasks: int) -> None:
+        """Build every parameter set :meth:`submit` will use (training, map, reduce), so a bad value fails
+        before anything is created. Raises ``ConfigError``."""
+        self.parameters(self.train_job_name(sweep_name), n_tasks)
+        self.parameters(f"irm-map-{sweep_name}", n_tasks, "afterany:1", analysis=True)
+        self.parameters(f"irm-reduce-{sweep_name}", 1, "afterany:1", analysis=True)
 
     def _executor(self, folder: Path, name: str, n_tasks: int = 1, dependency: Optional[str] = None,
                   analysis: bool = False) -> submitit.SlurmExecutor:
+        check_sbatch_folder(folder)
         ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=int(self.cluster.max_num_timeout))
         ex.update_parameters(**self.parameters(name, n_tasks, dependency, analysis))
         return ex
@@ -209,6 +273,7 @@ class SlurmSweepExecutor(SweepExecutor):
         """
         from submitit.slurm.slurm import _make_sbatch_string
 
+        check_sbatch_folder(folder)
         command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
         return _make_sbatch_string(command=command, folder=str(folder), map_count=n_tasks,
                                    **self.parameters(job_name, n_tasks))

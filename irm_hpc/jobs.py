@@ -18,7 +18,7 @@ from typing import Optional
 
 import submitit
 
-from irm_hpc.layout import RunDir, SweepDir
+from irm_hpc.layout import RunDir, SweepDir, check_private
 
 
 def _export_dist_env() -> None:
@@ -111,7 +111,9 @@ class LocalSweep:
     """Run a sweep's training tasks sequentially as local submitit jobs, then its analysis.
 
     Tasks whose run dir has ``DONE`` are skipped, so running the driver again (a local ``--resume``)
-    continues the sweep; each task itself resumes from its latest checkpoint.
+    continues the sweep; each task itself resumes from its latest checkpoint. Before each task's result
+    pickle is loaded, the sweep dir and ``logs/train`` must be private (``layout.check_private``;
+    ``UnsafePathError`` otherwise).
     """
 
     TASK_TIMEOUT_MIN = 24 * 60
@@ -122,14 +124,17 @@ class LocalSweep:
     def __call__(self) -> dict:
         from irm_hpc.manifest import analysis_params, load_manifest, record_submission
 
-        manifest = load_manifest(self.sweep_dir)
         sweep = SweepDir(self.sweep_dir)
+        check_private(sweep.root, contents=True)
+        manifest = load_manifest(self.sweep_dir)
         for task in manifest.tasks:
             if RunDir(manifest.task_dir(task)).is_done():
                 continue
             job = local_executor(sweep.train_logs, timeout_min=self.TASK_TIMEOUT_MIN).submit(
                 TrainTask(task.overrides, str(manifest.task_dir(task)), manifest.config_dirs))
             record_submission(self.sweep_dir, [task.index], [job.job_id], "local")
+            check_private(sweep.root)
+            check_private(sweep.train_logs, contents=True)  # job.result() unpickles from there
             try:
                 job.result()
             except Exception as exc:  # noqa: BLE001 - one failed task must not stop the sweep

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from irm_hpc.config import ConfigError, add_config_dirs, config_dirs, load_config, presets, split_config_dirs, to_yaml
 from irm_hpc.errors import cli_errors, one_line
 from irm_hpc.executors import LaunchError, Submission, executor_kind, make_executor, map_chunks
-from irm_hpc.layout import SweepDir
+from irm_hpc.layout import SweepDir, check_private, make_private_dir, restrict_umask, safe_component
 from irm_hpc.manifest import Manifest, Task, expand_tasks, locked
 from irm_hpc.resume import resume
 from irm_hpc.status import follow, result_lines, task_rows
@@ -34,14 +34,17 @@ AXIS_KEYS = ("alignment=", "seed=")  # typed by the sweep config already; they c
 
 
 def create_sweep(cfg: DictConfig, kind: str, name: Optional[str]) -> Manifest:
-    """Make ``<runs_root>/<name>`` and its manifest; refuse an existing directory (``LaunchError``)."""
+    """Make ``<runs_root>/<name>`` (mode 0700: only its owner can enter it, so no one else can plant a
+    pickle or checkpoint there) and its manifest. Raises ``LaunchError`` for an existing directory,
+    ``ConfigError`` for a ``name`` / ``sweep.name`` that is not one safe path component."""
     sweep = cfg.sweep
-    name = name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    safe_component(sweep.name, "sweep.name")
+    name = safe_component(name, "--name") if name else f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = (Path(cfg.runs_root) / name).resolve()
     if sweep_dir.exists():
         raise LaunchError(f"sweep directory {sweep_dir} exists; continue it with --resume {sweep_dir} or pick another --name")
     tasks = expand_tasks(list(sweep.alignments), list(sweep.seeds), list(sweep.layer_sets), list(sweep.train_overrides))
-    sweep_dir.mkdir(parents=True)
+    make_private_dir(sweep_dir)
     manifest = Manifest(sweep_dir=sweep_dir, sweep=sweep.name, executor=kind, created=time.time(),
                         config_yaml=to_yaml(cfg), tasks=tasks, config_dirs=[str(d) for d in config_dirs()])
     manifest.save()
@@ -104,7 +107,11 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> Optional[tuple[Man
 
     ``overrides`` starting with ``sweep.``, ``cluster.`` or ``runs_root`` change the launch config;
     all others (``model=...``, ``train.lr=...``) are appended to every training task's overrides.
+    Raises ``ConfigError`` (nothing created) for a bad key, a name that is not one safe path component
+    (``sweep.name``, ``--name``, alignments, layer sets) or a cluster value that cannot sit in an
+    ``#SBATCH`` line; ``LaunchError`` if the scheduler refuses.
     """
+    restrict_umask()  # sweep files, pickles and (through sbatch's umask) job outputs: not writable by others
     launch_keys = [o for o in overrides if o.lstrip("+~").split(".")[0].split("=")[0] in LAUNCH_KEYS]
     train_keys = [o for o in overrides if o not in launch_keys]
     cfg = load_config("launch", [f"sweep={args.sweep}", f"cluster={args.cluster}", *launch_keys])
@@ -112,8 +119,12 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> Optional[tuple[Man
         cfg.sweep.train_overrides = [*cfg.sweep.train_overrides, *train_keys]
     kind = executor_kind(cfg.cluster, require_sbatch=not args.dry_run)  # a dry run previews sbatch anywhere
     executor = make_executor(kind, cfg.cluster)
+    safe_component(cfg.sweep.name, "sweep.name")
+    if args.name:
+        safe_component(args.name, "--name")
     tasks = expand_tasks(list(cfg.sweep.alignments), list(cfg.sweep.seeds), list(cfg.sweep.layer_sets),
                          list(cfg.sweep.train_overrides))
+    executor.validate(cfg.sweep.name, len(tasks))
     validate_tasks(tasks)
     map_chunks([t.task_id for t in tasks], int(cfg.cluster.analysis_runs_per_task))  # fail before submitting
     if args.dry_run:
@@ -143,8 +154,10 @@ def report(manifest: Manifest, submission: Submission) -> None:
 
 def wait(manifest: Manifest, submission: Submission) -> None:
     """Block until the sweep's last job (reduce job, or local driver) has ended, showing live progress
-    (``status.follow``), then print the short result (``status.result_lines``)."""
+    (``status.follow``), then print the short result (``status.result_lines``). Raises ``UnsafePathError``
+    before a result pickle is loaded from a folder others can write to."""
     job = submission.last_job
+    check_private(manifest.sweep_dir)
     if manifest.executor == "debug":
         _result_quietly(job)  # the debug executor runs the driver here, now
         rows, _ = task_rows(manifest)
@@ -156,7 +169,14 @@ def wait(manifest: Manifest, submission: Submission) -> None:
 
 
 def _result_quietly(job) -> None:
-    """Collect the job's result; a failed driver or reduce job is reported by ``result_lines``."""
+    """Collect the job's result; a failed driver or reduce job is reported by ``result_lines``.
+
+    Raises ``UnsafePathError`` (nothing unpickled) if the job's submitit folder, where the result
+    pickle lies, or an entry in it is writable by others or not ours (``layout.check_private``)."""
+    folder = getattr(getattr(job, "paths", None), "folder", None)
+    if folder is not None:
+        check_private(Path(folder).parent)
+        check_private(folder, contents=True)
     try:
         job.result()
     except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's own exception

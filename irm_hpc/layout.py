@@ -14,16 +14,28 @@ Every stage (train, record, launch, status, resume, analysis) names files throug
 :func:`atomic_write_text` / :func:`atomic_write_json` (text) and :func:`atomic_path` (files written by a
 library: HDF5, npz) are the one way this package replaces a file (temporary file in the same directory +
 fsync + ``os.replace`` + directory fsync): a reader sees the old file or the new one, never a torn one.
+
+Safety rules for shared clusters, in one place: :func:`safe_component` (a name that becomes a path
+component or task id), :meth:`SweepDir.run` (a task's ``out_dir`` stays inside its sweep),
+:func:`is_record_segment_name` (names read from ``record/index.json``), :func:`check_private` (a
+directory irm_hpc unpickles from is not writable by others), :func:`restrict_umask` /
+:func:`make_private_dir` (what irm_hpc creates is not writable by others), :func:`yaml_data` /
+:func:`verbatim_config` (YAML read from disk is data: ``${...}`` interpolations are never resolved).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Union
+
+from irm_hpc.errors import ConfigError, ManifestError, UnsafePathError
 
 PathLike = Union[str, Path]
 
@@ -56,6 +68,137 @@ def record_segment_name(first_step: int, k: int = 0) -> str:
     """File name of a record segment (matches ``RECORD_SEG_GLOB``): ``seg-<first_step:08d>.h5``, or
     ``seg-<first_step:08d>-<k>.h5`` for the k-th (k >= 1) segment starting at the same step."""
     return f"seg-{int(first_step):08d}{f'-{k}' if k else ''}.h5"
+
+
+# seg-<step:08d>.h5 or seg-<step:08d>-<k>.h5 (k >= 1): the only names record/index.json may list.
+RECORD_SEG_RE = re.compile(r"seg-[0-9]{8,}(?:-[1-9][0-9]*)?\.h5")
+
+
+def is_record_segment_name(name: object) -> bool:
+    """True if ``name`` is a segment file name :func:`record_segment_name` can produce (no directory part)."""
+    return isinstance(name, str) and RECORD_SEG_RE.fullmatch(name) is not None
+
+
+# A name that becomes a path component or a task id: no separator, no leading dot or dash, no "..".
+SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._,-]*")
+SAFE_NAME_MAX = 128
+
+
+def safe_component(name: object, what: str) -> str:
+    """Return ``name`` if it may become one path component (a sweep dir name, a task id, a run dir).
+
+    Allowed: letters, digits and ``. _ , -``; not starting with ``.`` or ``-``; at most 128 characters
+    (so never ``..``, a separator, whitespace or a control character). ``what`` names the config key or
+    option in the error. Raises ``ConfigError``.
+    """
+    text = str(name)
+    if len(text) > SAFE_NAME_MAX or not SAFE_NAME_RE.fullmatch(text):
+        raise ConfigError(f"{what} {text!r} cannot name a directory: use letters, digits and . _ , - (not starting "
+                          f"with . or -, at most {SAFE_NAME_MAX} characters)")
+    return text
+
+
+def restrict_umask() -> int:
+    """Add group and other *write* to the process umask (returns the old umask).
+
+    Called by the launcher, resume and training, so that sweep files, submitit pickles and DeepSpeed
+    checkpoints are never writable by other users (Slurm gives jobs the umask of ``sbatch``, and local
+    jobs inherit it), and :func:`check_private` accepts what irm_hpc itself wrote.
+    """
+    old = os.umask(0o022)
+    os.umask(old | 0o022)
+    return old
+
+
+def make_private_dir(path: PathLike, *, exist_ok: bool = False) -> Path:
+    """``mkdir`` (parents as needed) with mode 0700: only the owner can list, enter or write it."""
+    path = Path(path)
+    existed = path.is_dir()
+    path.mkdir(mode=0o700, parents=True, exist_ok=exist_ok)
+    if not existed:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return str(uid)
+
+
+def check_private(path: PathLike, *, contents: bool = False) -> None:
+    """Refuse ``path`` if another user could change what irm_hpc unpickles or loads from it.
+
+    ``path`` (and, with ``contents``, every entry directly in it) must be owned by this process's uid and
+    must not be group- or world-writable. A missing ``path`` passes (nothing to load). Call it before
+    unpickling submitit results, resuming a sweep, or loading a DeepSpeed checkpoint (``torch.load``
+    with ``weights_only=False``). Raises ``UnsafePathError`` whose one-line message holds the exact
+    ``chmod``/``chown`` command that fixes it.
+    """
+    top = Path(path)
+    try:
+        entries = [top, *sorted(top.iterdir())] if contents and top.is_dir() else [top]
+    except OSError:
+        entries = [top]
+    uid = os.getuid()
+    foreign, writable = [], []
+    for p in entries:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if st.st_uid != uid:
+            foreign.append((p, st.st_uid))
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            writable.append((p, stat.S_IMODE(st.st_mode)))
+    if foreign:
+        p, owner = foreign[0]
+        more = f" (and {len(foreign) - 1} more entries)" if len(foreign) > 1 else ""
+        target = f"-R {shlex.quote(str(top))}" if len(foreign) > 1 else shlex.quote(str(p))
+        raise UnsafePathError(f"{p} is owned by uid {owner}, not by you (uid {uid}){more}: irm_hpc does not load "
+                              f"pickles or checkpoints another user controls; fix: sudo chown {_user(uid)} {target} "
+                              "(or copy it into a directory of your own)")
+    if writable:
+        p, mode = writable[0]
+        who = "group and others" if mode & 0o022 == 0o022 else ("others" if mode & 0o002 else "group")
+        more = f" (and {len(writable) - 1} more entries)" if len(writable) > 1 else ""
+        target = " ".join(shlex.quote(str(q)) for q, _ in writable) if len(writable) <= 3 else \
+            f"-R {shlex.quote(str(top))}"
+        raise UnsafePathError(f"{p} is writable by {who} (mode {mode:04o}){more}: another user could plant a pickle "
+                              f"or checkpoint irm_hpc would load; fix: chmod go-w {target}")
+
+
+def yaml_data(text: str) -> Any:
+    """Parse YAML read from disk (a file, a manifest field, an HDF5 attribute) as plain data.
+
+    ``${...}`` interpolations (``${oc.env:SECRET}``, custom resolvers) are kept verbatim as strings,
+    never resolved. Raises ``ValueError`` / ``yaml.YAMLError`` / omegaconf errors on text that is not YAML.
+    """
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+
+
+def _escape_interpolations(obj: Any) -> Any:
+    if isinstance(obj, str):  # "${" -> "\${" (and backslashes right before it doubled): a literal string
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", obj)
+    if isinstance(obj, dict):
+        return {k: _escape_interpolations(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_escape_interpolations(v) for v in obj]
+    return obj
+
+
+def verbatim_config(text: str):
+    """A ``DictConfig`` of YAML read from disk whose strings read back verbatim: ``${...}`` in the data
+    is escaped, so accessing a value never resolves an interpolation (``oc.env`` or any resolver).
+    Raises what :func:`yaml_data` raises."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(_escape_interpolations(yaml_data(text)))
 
 
 def fsync_path(path: Path) -> None:
@@ -179,6 +322,16 @@ class SweepDir:
         return f"runs/{task_id}"
 
     def run(self, out_dir: PathLike) -> RunDir:
-        """The run dir of a task, from its (relative or absolute) ``out_dir``."""
-        p = Path(out_dir)
-        return RunDir(p if p.is_absolute() else self.root / p)
+        """The run dir of a task, from its (relative or absolute) ``out_dir``.
+
+        Raises ``ManifestError`` if ``out_dir`` leads outside the sweep directory (``..``, an absolute path
+        elsewhere) or is the sweep directory itself: a crafted manifest must not make training or
+        checkpoint pruning write or delete elsewhere. Checked lexically (symlinks the owner made are
+        the owner's business; :func:`check_private` keeps others from making them).
+        """
+        root = Path(os.path.abspath(self.root))
+        p = Path(os.path.normpath(root / Path(out_dir)))
+        if root not in p.parents:
+            raise ManifestError(f"task out_dir {str(out_dir)!r} resolves to {p}, outside the sweep directory {root}; "
+                                "restore manifest.json (a task's out_dir is runs/<task_id>)")
+        return RunDir(p)

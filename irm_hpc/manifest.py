@@ -19,14 +19,10 @@ from typing import Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from irm_hpc.errors import IrmError, one_line
-from irm_hpc.layout import SweepDir, atomic_write_json
+from irm_hpc.errors import ManifestError, one_line  # noqa: F401  (ManifestError re-exported)
+from irm_hpc.layout import SweepDir, atomic_write_json, safe_component, verbatim_config
 
 MANIFEST_VERSION = 1
-
-
-class ManifestError(IrmError, ValueError):
-    """Not a sweep directory, unreadable manifest, or a manifest of a newer schema (one line)."""
 
 
 @dataclass
@@ -46,10 +42,18 @@ class Task:
 
 
 def expand_tasks(alignments: list[str], seeds: list[int], layer_sets: list[str], base_overrides: list[str]) -> list[Task]:
-    """Cartesian product alignments x seeds x layer sets, in that nesting order."""
+    """Cartesian product alignments x seeds x layer sets, in that nesting order.
+
+    Task ids name run directories (``runs/<task_id>``): each alignment and layer set must pass
+    ``layout.safe_component`` (no separator, no ``..``, no control character). Raises ``ConfigError``.
+    """
+    for align in alignments:
+        safe_component(align, "sweep.alignments entry")
+    for lset in layer_sets:
+        safe_component(lset, "sweep.layer_sets entry")
     tasks = []
     for i, (align, seed, lset) in enumerate(itertools.product(alignments, seeds, layer_sets)):
-        task_id = f"{align}-s{seed}-{lset.replace(',', '_')}"
+        task_id = safe_component(f"{align}-s{int(seed)}-{str(lset).replace(',', '_')}", "task id")
         out_dir = SweepDir.task_out_dir(task_id)
         overrides = [*base_overrides, f"alignment={align}", f"seed={seed}", f"irm.layer_set={lset}"]
         tasks.append(Task(i, task_id, align, int(seed), str(lset), out_dir, overrides))
@@ -89,8 +93,11 @@ class Manifest:
         return SweepDir(self.sweep_dir).run(task.out_dir).root
 
     def launch_config(self) -> DictConfig:
-        """The resolved launch config the sweep was submitted with (``sweep``, ``cluster``, ``runs_root``)."""
-        return OmegaConf.create(self.config_yaml)
+        """The resolved launch config the sweep was submitted with (``sweep``, ``cluster``, ``runs_root``).
+
+        Read as data (``layout.verbatim_config``): a ``${oc.env:...}`` in the stored YAML stays that text,
+        it is never resolved."""
+        return verbatim_config(self.config_yaml)
 
     def record_submission(self, indices: list[int], job_ids: list[str], reason: str) -> None:
         """Store the job id of each task index (in memory; the caller saves under the lock)."""
@@ -117,7 +124,8 @@ def load_manifest(sweep_dir: str | Path) -> Manifest:
     """Read ``<sweep_dir>/manifest.json``.
 
     Raises ``ManifestError`` if the directory is not a sweep, the JSON is unreadable, the schema is
-    newer than this irm_hpc understands, or task outputs were moved away.
+    newer than this irm_hpc understands, task outputs were moved away, or a task's ``out_dir`` leads
+    outside the sweep directory (``layout.SweepDir.run``).
     """
     sweep_dir = Path(sweep_dir).resolve()
     file = SweepDir(sweep_dir).manifest
@@ -136,7 +144,10 @@ def load_manifest(sweep_dir: str | Path) -> Manifest:
     try:
         tasks = [Task(**t) for t in data["tasks"]]
         data.update(sweep_dir=sweep_dir, tasks=tasks)
-        return Manifest(**data)
+        manifest = Manifest(**data)
+        for task in tasks:
+            manifest.task_dir(task)  # ManifestError for an out_dir outside the sweep
+        return manifest
     except (KeyError, TypeError, AttributeError) as exc:
         raise ManifestError(f"{file} is not an irm_hpc manifest ({type(exc).__name__}: {one_line(exc)}); "
                             "pass the directory printed by irm_hpc.launch") from None

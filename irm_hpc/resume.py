@@ -14,6 +14,7 @@ from typing import Optional
 
 from irm_hpc.config import add_config_dirs
 from irm_hpc.executors import LIVE, RESUBMIT, Submission, for_manifest
+from irm_hpc.layout import SweepDir, check_private, restrict_umask
 from irm_hpc.manifest import load_manifest, locked
 from irm_hpc.status import TaskRow, task_rows
 
@@ -32,8 +33,16 @@ def resume(sweep_dir: str, dry_run: bool) -> Optional[tuple[object, Submission]]
 
     Holds the manifest lock from the state query to the manifest update, so two concurrent resumes
     submit each task once. Completed and live tasks are untouched. Returns ``(manifest, submission)``,
-    or None when nothing was submitted. Raises ``ManifestError`` for a directory that is not a sweep.
+    or None when nothing was submitted. Raises ``ManifestError`` for a directory that is not a sweep,
+    ``UnsafePathError`` (nothing read, locked or submitted) if the sweep dir, an entry in it (the
+    manifest) or its submitit log folders are writable by others or owned by another uid: the manifest
+    says what runs as you, and the log folders hold the pickles jobs load.
     """
+    restrict_umask()
+    sweep = SweepDir(sweep_dir)
+    check_private(sweep.root, contents=True)
+    for logs in (sweep.root / "logs", sweep.train_logs, sweep.analysis_logs, sweep.driver_logs):
+        check_private(logs, contents=True)
     add_config_dirs(load_manifest(sweep_dir).config_dirs)  # a bad directory fails here, before a lock file exists
     with locked(sweep_dir):
         manifest = load_manifest(sweep_dir)

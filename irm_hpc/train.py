@@ -30,7 +30,7 @@ from irm_hpc.dist import DistInfo, init_distributed, intra_op_threads, log0, set
 from irm_hpc.errors import cli_errors
 from irm_hpc.inject import decoder_layers, inject, layer_set_layers, resolve_layers
 from irm_hpc.irm import IRM
-from irm_hpc.layout import RunDir, atomic_write_text
+from irm_hpc.layout import RunDir, atomic_write_text, restrict_umask
 from irm_hpc.models import load_model
 
 
@@ -257,9 +257,11 @@ def train_main(cfg: DictConfig) -> dict:
 
     Returns the final summary dict (step, eval losses, alignment_gain), or the saved one when
     ``out_dir`` already holds a finished run. Raises an ``IrmError`` (``ConfigError``, ``DataError``,
-    ``ModelLoadError``, ``CheckpointError``) for bad input before anything in ``out_dir`` is written.
+    ``ModelLoadError``, ``CheckpointError``, ``UnsafePathError`` for checkpoints others could have replaced)
+    for bad input before anything in ``out_dir`` is written or loaded.
     """
     require(cfg, "out_dir", "alignment")
+    restrict_umask()  # run files and checkpoints are never writable by other users
     run = RunDir(cfg.out_dir)
     mode = resume_mode(cfg, run)
     if mode == "done":

@@ -103,7 +103,11 @@ else
     # The data dir must belong to mysql (it is root-owned after some image builds).
     [[ "$(stat -c %U "$MYSQL_DATADIR")" == mysql ]] || chown -R mysql:mysql "$MYSQL_DATADIR"
     say "mariadb: starting mariadbd"
+    # Local only: slurmdbd reaches the database through the Unix socket (StorageHost=localhost makes the
+    # client library use the socket; checked with ss -xp), so TCP is off, and bound to loopback should a
+    # config file turn it back on.
     setsid /usr/sbin/mariadbd --user=mysql --datadir="$MYSQL_DATADIR" --socket="$MYSQL_SOCK" \
+        --bind-address=127.0.0.1 --skip-networking \
         --pid-file="$MYSQL_PIDFILE" --log-error="$MYSQL_LOG" \
         --innodb-lock-wait-timeout=900 --innodb-buffer-pool-size=1024M \
         </dev/null >/dev/null 2>&1 9>&- &
@@ -111,13 +115,22 @@ else
 fi
 
 # --------------------------------------------------------------------------- accounting DB
+# The password goes into SQL string literals and slurmdbd.conf: only [A-Za-z0-9] (16-64 characters).
+# A reused one (from an existing slurmdbd.conf) that does not match is replaced by a new one, which the
+# ALTER USER below sets.
+DB_PASS_RE='^[A-Za-z0-9]{16,64}$'
 DB_PASS=""
 if [[ -r "$SLURMDBD_CONF" ]]; then
     DB_PASS=$(sed -n 's/^StoragePass=//p' "$SLURMDBD_CONF" | head -n1)
 fi
+if [[ -n "$DB_PASS" && ! "$DB_PASS" =~ $DB_PASS_RE ]]; then
+    say "mariadb: StoragePass in $SLURMDBD_CONF is not [A-Za-z0-9]{16,64}; generating a new one"
+    DB_PASS=""
+fi
 if [[ -z "$DB_PASS" ]]; then
     DB_PASS=$(head -c 64 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 24)
 fi
+[[ "$DB_PASS" =~ $DB_PASS_RE ]] || die "could not generate a database password"
 if MYSQL_PWD="$DB_PASS" mariadb --socket="$MYSQL_SOCK" -u"$DB_USER" -e "USE $DB_NAME" >/dev/null 2>&1; then
     say "mariadb: database $DB_NAME and user $DB_USER ok"
 else
@@ -151,7 +164,13 @@ EOF
 )
 dbd_changed=0
 if [[ ! -r "$SLURMDBD_CONF" ]] || [[ "$(cat "$SLURMDBD_CONF")" != "$dbd_conf" ]]; then
-    printf '%s\n' "$dbd_conf" >"$SLURMDBD_CONF"
+    # It holds the database password: written to a new file that is 0600 from its creation (umask 077),
+    # then renamed over the old one, so it is never readable by others, not even for a moment.
+    dbd_tmp=$(umask 077 && mktemp "$SLURMDBD_CONF.XXXXXX")
+    (umask 077 && printf '%s\n' "$dbd_conf" >"$dbd_tmp")
+    chown "$SLURM_USER:$SLURM_USER" "$dbd_tmp"
+    chmod 600 "$dbd_tmp"
+    mv -f "$dbd_tmp" "$SLURMDBD_CONF"
     dbd_changed=1
 fi
 chown "$SLURM_USER:$SLURM_USER" "$SLURMDBD_CONF"

@@ -112,7 +112,8 @@ def parse_params(overrides: Union[None, Params, dict, Iterable[str]] = None) -> 
     """Build `Params` from ``key=value`` strings (hydra style, parsed with OmegaConf), a dict, or Params.
 
     Raises AnalysisError (one line) for an unknown key (listing the valid ones), a malformed item, a
-    value of the wrong type or out of range.
+    value of the wrong type or out of range, or a value holding a ``${...}`` interpolation (parameters are
+    read back from the manifest: data, never resolved).
     """
     if overrides is None:
         return Params()
@@ -131,6 +132,10 @@ def parse_params(overrides: Union[None, Params, dict, Iterable[str]] = None) -> 
         unknown = [o.split("=", 1)[0].strip() for o in items if o.split("=", 1)[0].strip() not in valid_keys()]
         if unknown:
             raise AnalysisError(f"unknown analysis parameter {unknown[0]!r}; valid keys: {', '.join(valid_keys())}")
+    values = items.values() if isinstance(items, dict) else [o.split("=", 1)[1] for o in items]
+    interp = [v for v in values if isinstance(v, str) and "${" in v]
+    if interp:  # parameters come from the manifest too (data): never resolve ${oc.env:...} and friends
+        raise AnalysisError(f"analysis parameter value {interp[0]!r} holds an interpolation; give a literal value")
     unknown = [k for k in (items if isinstance(items, dict) else []) if k not in valid_keys()]
     if unknown:
         raise AnalysisError(f"unknown analysis parameter {unknown[0]!r}; valid keys: {', '.join(valid_keys())}")

@@ -38,7 +38,7 @@ import numpy as np
 from irm_hpc.analysis.discover import RunRef, ref_for_path, safe_name
 from irm_hpc.analysis.params import AnalysisError, Params, parse_params
 from irm_hpc.analysis import stats as st
-from irm_hpc.layout import ANALYSIS_PROFILES, RECORD_SEG_GLOB, RunDir, atomic_path, atomic_write_json
+from irm_hpc.layout import ANALYSIS_PROFILES, RECORD_SEG_GLOB, RunDir, atomic_path, atomic_write_json, yaml_data
 
 PROFILE_VERSION = 1
 PROFILES_DIR = ANALYSIS_PROFILES
@@ -55,11 +55,13 @@ def profiles_dir(out_dir: PathLike) -> Path:
 
 
 def _derive_layer_set(layers: list[int], n_layers: int, config_yaml: str) -> str:
-    """Layer set label: the config's ``irm.layer_set`` if set, "all" for every layer, else "0-3,8"."""
-    try:
-        from omegaconf import OmegaConf
+    """Layer set label: the config's ``irm.layer_set`` if set, "all" for every layer, else "0-3,8".
 
-        v = OmegaConf.select(OmegaConf.create(config_yaml or "{}"), "irm.layer_set", default=None)
+    ``config_yaml`` (an HDF5 attribute) is read as data (``layout.yaml_data``): a ``${oc.env:...}`` in it
+    is never resolved, so it cannot pull the environment into profiles, summary.json or report.md.
+    """
+    try:
+        v = (yaml_data(config_yaml or "{}").get("irm") or {}).get("layer_set")
         if v:
             return str(v)
     except Exception:  # noqa: BLE001 - a config we cannot parse: derive from the layers

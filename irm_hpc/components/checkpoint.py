@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from irm_hpc.errors import ConfigError, IrmError
-from irm_hpc.layout import RunDir
+from irm_hpc.layout import RunDir, check_private, make_private_dir, yaml_data
 
 TAG_PREFIX = "global_step"
 # Settings a resumed run must share with the run in its out_dir (else the checkpoint means nothing).
@@ -69,7 +69,10 @@ def resume_mode(cfg: DictConfig, run: RunDir) -> str:
     """Decide what to do with the run dir: ``"fresh"``, ``"resume"`` or ``"done"``.
 
     Raises ``CheckpointError`` (nothing touched) if it holds a run with a different model, data, IRM,
-    alignment, seed or batch shape, or files that are not an irm_hpc run.
+    alignment, seed or batch shape, or files that are not an irm_hpc run; ``UnsafePathError`` (before
+    anything is loaded) if a run to resume has checkpoints another user could replace
+    (:func:`check_checkpoints_private`). The old ``config.yaml`` is read as data: ``${...}`` in it is
+    compared verbatim, never resolved.
     """
     out_dir = run.root
     if not out_dir.exists() or not any(out_dir.iterdir()):
@@ -77,12 +80,43 @@ def resume_mode(cfg: DictConfig, run: RunDir) -> str:
     if not run.config.is_file():
         raise CheckpointError(f"out_dir {out_dir} is not empty and holds no irm_hpc run (no {run.config.name}); "
                               "choose another out_dir")
-    old = OmegaConf.load(run.config)
+    try:
+        old = yaml_data(run.config.read_text(encoding="utf-8"))
+    except Exception as exc:  # noqa: BLE001 - any parse failure: not a config irm_hpc wrote
+        raise CheckpointError(f"out_dir {out_dir}: cannot read {run.config.name} ({type(exc).__name__}); restore it "
+                              "or choose another out_dir") from None
+    new = OmegaConf.to_container(cfg, resolve=True)
     for key in KEEP_CONFIG_KEYS:
-        if OmegaConf.select(old, key) != OmegaConf.select(cfg, key):
+        if _select(old, key) != _select(new, key):
             raise CheckpointError(f"out_dir {out_dir} holds a run with a different '{key}'; choose another out_dir "
                                   "or restore its config")
-    return "done" if run.is_done() else "resume"
+    if run.is_done():
+        return "done"
+    check_checkpoints_private(run)
+    return "resume"
+
+
+def _select(data, key: str):
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def check_checkpoints_private(run: RunDir) -> None:
+    """Refuse a run whose DeepSpeed checkpoints another user could have replaced: DeepSpeed's
+    ``load_checkpoint`` unpickles them (``torch.load(weights_only=False)``).
+
+    The run dir, ``checkpoints/`` and its entries (``latest``, tag dirs), and the entries of the tag
+    ``latest`` names must be ours and not group/world-writable (``layout.check_private``). Raises
+    ``UnsafePathError`` with the ``chmod``/``chown`` command that fixes it.
+    """
+    check_private(run.root)
+    check_private(run.checkpoints, contents=True)
+    latest = run.checkpoints / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if tag and "/" not in tag and tag not in (".", ".."):
+            check_private(run.checkpoints / tag, contents=True)
 
 
 class Checkpointer:
@@ -98,7 +132,10 @@ class Checkpointer:
         self.world_size, self.is_main = world_size, is_main
 
     def save(self, step: int, client_state: dict) -> None:
-        """Write tag ``global_step{step:08d}`` (collective), then keep the newest ``keep`` tags (0 = all)."""
+        """Write tag ``global_step{step:08d}`` (collective), then keep the newest ``keep`` tags (0 = all).
+        ``checkpoints/`` is created with mode 0700 (``layout.make_private_dir``)."""
+        if self.is_main:
+            make_private_dir(self.dir, exist_ok=True)
         self.engine.save_checkpoint(str(self.dir), tag=tag_name(step), client_state=client_state)
         if self.keep:
             if self.world_size > 1:
@@ -109,10 +146,12 @@ class Checkpointer:
     def load(self) -> Optional[dict]:
         """Load the tag ``latest`` names (collective); its client state, or None without a checkpoint.
 
-        Raises ``CheckpointError`` if the latest tag cannot be loaded.
+        Raises ``CheckpointError`` if the latest tag cannot be loaded, ``UnsafePathError`` (nothing loaded)
+        if another user could have replaced it.
         """
         if not (self.dir / "latest").is_file():
             return None
+        check_checkpoints_private(RunDir(self.dir.parent))  # just before DeepSpeed unpickles the tag
         path, state = self.engine.load_checkpoint(str(self.dir))
         if path is None:
             raise CheckpointError(f"cannot load the latest checkpoint in {self.dir}; remove the bad tag or the "

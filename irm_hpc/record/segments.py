@@ -13,7 +13,7 @@ import numpy as np
 
 from irm_hpc import __version__
 from irm_hpc.errors import one_line
-from irm_hpc.layout import atomic_path, atomic_write_json, fsync_path
+from irm_hpc.layout import atomic_path, atomic_write_json, fsync_path, is_record_segment_name
 from irm_hpc.record._util import _h5_open
 from irm_hpc.record.schema import (INDEX_NAME, LIBVER, PROBE_COLUMNS, PROFILE_COLUMNS, RDCC_BYTES, RUN_FILE,
                                    SCHEMA_VERSION, SEG_GLOB, STR_DTYPE, RecordError, _append, _Layout, _open_h5,
@@ -59,7 +59,10 @@ class _Index:
 
     @classmethod
     def load(cls, d: Path) -> "_Index":
-        """Read ``d/index.json`` (empty index if absent). RecordError if unreadable or of another schema."""
+        """Read ``d/index.json`` (empty index if absent). RecordError if unreadable, of another schema, or
+        if a segment or ``pending_delete`` name is not a segment file name of ``d`` (``seg-NNNNNNNN[-k].h5``,
+        ``layout.is_record_segment_name``): names from the index are joined to ``d`` and deleted on
+        resume, so ``../x`` or ``/abs/path`` must never get through."""
         path = d / INDEX_NAME
         if not path.is_file():
             return cls(d)
@@ -70,7 +73,12 @@ class _Index:
                                   f"({__version__}) reads version {SCHEMA_VERSION}; use the irm_hpc version that "
                                   "wrote it")
             segs = [_SegInfo(**s) for s in raw["segments"]]
-            return cls(d, raw.get("layout"), list(raw["checkpoints"]), segs, list(raw.get("pending_delete", [])))
+            pending = list(raw.get("pending_delete", []))
+            for name in [s.file for s in segs] + pending:
+                if not is_record_segment_name(name):
+                    raise RecordError(f"{path}: names {str(name)!r}, not a segment file of this directory "
+                                      f"(seg-NNNNNNNN[-k].h5); delete {d} to restart the recording, or restore index.json")
+            return cls(d, raw.get("layout"), list(raw["checkpoints"]), segs, pending)
         except RecordError:
             raise
         except (ValueError, KeyError, TypeError) as exc:
