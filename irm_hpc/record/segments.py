@@ -70,10 +70,21 @@ class _Index:
                                   f"({__version__}) reads version {SCHEMA_VERSION}; use the irm_hpc version that "
                                   "wrote it")
             segs = [_SegInfo(**s) for s in raw["segments"]]
-            return cls(d, raw.get("layout"), list(raw["checkpoints"]), segs, list(raw.get("pending_delete", [])))
+            for seg in segs:
+                ints = (seg.first_step, seg.last_step, seg.n_records, seg.n_probe_tokens)
+                if not isinstance(seg.file, str) or not all(type(v) is int for v in ints):
+                    raise TypeError(f"segment entry {asdict(seg)} has fields of the wrong type")
+            checkpoints = list(raw["checkpoints"])
+            if not all(isinstance(c, dict) and type(c.get("step")) is int and type(c.get("segments")) is int
+                       and 0 <= c["segments"] <= len(segs) for c in checkpoints):
+                raise ValueError("a checkpoint entry is not {\"step\": int, \"segments\": int <= number of segments}")
+            layout, pending = raw.get("layout"), list(raw.get("pending_delete", []))
+            if not (layout is None or isinstance(layout, dict)) or not all(isinstance(n, str) for n in pending):
+                raise TypeError("'layout' must be an object and 'pending_delete' a list of file names")
+            return cls(d, layout, checkpoints, segs, pending)
         except RecordError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RecordError(f"{path}: damaged segment index ({one_line(exc, with_type=True)}); delete {d} to restart "
                               "the recording, or restore index.json") from exc
 
