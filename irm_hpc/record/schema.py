@@ -294,6 +294,13 @@ def _open_h5(path: Path, *, data: bool = False) -> h5py.File:
                           f"writing ({one_line(exc, with_type=True)}); re-run finalize from record/ or restore the file") from exc
     try:
         _check_schema(f, path, data)
+    except RecordError:
+        f.close()
+        raise
+    except (KeyError, OSError, ValueError, TypeError, RuntimeError) as exc:  # h5py on damaged metadata
+        f.close()
+        raise RecordError(f"{path}: the file is damaged ({one_line(exc, with_type=True)}); re-run finalize from "
+                          "record/ or restore the file") from exc
     except BaseException:
         f.close()
         raise
@@ -329,7 +336,7 @@ def _read_ds(ds: h5py.Dataset, sel: Any = ()) -> Any:
         if h5py.check_string_dtype(ds.dtype) is not None:
             return ds.asstr()[sel]
         return ds[sel]
-    except OSError as exc:
+    except (OSError, KeyError, RuntimeError) as exc:  # KeyError/RuntimeError: h5py on damaged metadata
         if "filter" in str(exc).lower() or "plugin" in str(exc).lower():
             fix = ("its compression filter is not available; pip install hdf5plugin (irm_hpc.record "
                    "imports it; plain h5py readers must `import hdf5plugin` first)")
