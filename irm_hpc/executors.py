@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from irm_hpc.errors import IrmError, one_line
 from irm_hpc.jobs import AnalysisMapTask, AnalysisReduceTask, LocalSweep, TrainTask, local_executor
 from irm_hpc.layout import SweepDir
-from irm_hpc.manifest import Manifest, Task, analysis_params
+from irm_hpc.manifest import Manifest, ManifestError, Task, analysis_params
 
 # Slurm job states (sacct/squeue names).
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -404,5 +404,13 @@ def make_executor(kind: str, cluster: DictConfig) -> SweepExecutor:
 
 
 def for_manifest(manifest: Manifest) -> SweepExecutor:
-    """The executor a sweep was launched with, configured with its stored cluster section."""
-    return make_executor(manifest.executor, manifest.launch_config().cluster)
+    """The executor a sweep was launched with, configured with its stored cluster section. Raises
+    ``ManifestError`` if the manifest's launch config has no ``cluster`` section, ``LaunchError`` for an
+    unknown executor name."""
+    from omegaconf import DictConfig as _Dict
+
+    cluster = manifest.launch_config().get("cluster")
+    if not isinstance(cluster, _Dict):
+        raise ManifestError(f"{manifest.file}: its config_yaml has no 'cluster' section; restore manifest.json "
+                            "(it is written by irm_hpc.launch)")
+    return make_executor(manifest.executor, cluster)

@@ -118,7 +118,7 @@ def load_manifest(sweep_dir: str | Path) -> Manifest:
 
     Raises ``ManifestError`` if the directory is not a sweep, the JSON is unreadable or of the wrong
     shape (not an object; a field missing, unknown or of the wrong type, e.g. ``"tasks": 5`` or
-    ``{"index": "x"}``; a launch config without ``cluster``), or the schema is newer than this irm_hpc
+    ``{"index": "x"}``; a launch config that is not a mapping), or the schema is newer than this irm_hpc
     understands.
     """
     sweep_dir = Path(sweep_dir).resolve()
@@ -173,8 +173,8 @@ def _type_problem(where: str, value, kind) -> Optional[str]:
 
 def _shape_problem(data: dict) -> Optional[str]:
     """What is wrong with the shape of a manifest's JSON (field missing, unknown, of the wrong type), or
-    None. The launch config (``config_yaml``) must be a YAML mapping with a ``cluster`` mapping, and
-    ``tasks[i].index`` must be ``i``."""
+    None. The launch config (``config_yaml``) must be a YAML mapping (its ``cluster``, if present, a
+    mapping; ``executors.for_manifest`` requires it), and ``tasks[i].index`` must be ``i``."""
     def objects():
         yield _MANIFEST_FIELDS, data, ""  # checked first: "tasks" is a list before its items are read
         for i, t in enumerate(data["tasks"]):
@@ -199,10 +199,11 @@ def _shape_problem(data: dict) -> Optional[str]:
             return f"tasks[{i}].index is {t['index']}, not {i}"
     try:
         launch = OmegaConf.create(data["config_yaml"])
-        cluster_ok = isinstance(launch, DictConfig) and isinstance(launch.get("cluster"), DictConfig)
     except Exception as exc:  # noqa: BLE001 - yaml and omegaconf raise many types
         return f"config_yaml is not YAML ({type(exc).__name__})"
-    return None if cluster_ok else "config_yaml is not a launch config with a 'cluster' section"
+    if not isinstance(launch, DictConfig) or not isinstance(launch.get("cluster", {}), (DictConfig, dict)):
+        return "config_yaml is not a launch config (a mapping whose 'cluster' is a mapping)"
+    return None
 
 
 @contextmanager

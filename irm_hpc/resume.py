@@ -34,7 +34,9 @@ def resume(sweep_dir: str, dry_run: bool) -> Optional[tuple[object, Submission]]
     submit each task once. Completed and live tasks are untouched. Returns ``(manifest, submission)``,
     or None when nothing was submitted. Raises ``ManifestError`` for a directory that is not a sweep.
     """
-    add_config_dirs(load_manifest(sweep_dir).config_dirs)  # a bad directory fails here, before a lock file exists
+    first = load_manifest(sweep_dir)
+    add_config_dirs(first.config_dirs)  # a bad directory fails here, before a lock file exists
+    for_manifest(first)  # so does a manifest whose executor or cluster section is unusable
     with locked(sweep_dir):
         manifest = load_manifest(sweep_dir)
         rows, note = task_rows(manifest)
