@@ -343,7 +343,8 @@ def load_config(config_name: str = "train", overrides: Optional[list[str]] = Non
     among ``overrides`` (``python -m irm_hpc.train --config-dir DIR key=value``) are taken out and added
     with :func:`add_config_dirs`. Returns a struct-mode ``DictConfig``. Raises ``ConfigError`` (one line,
     listing valid keys or presets) for an unknown key, a bad preset name, a type mismatch or a missing
-    config dir. Source: hydra compose API.
+    config dir, and for the ``train`` config a value out of range (:func:`validate_train_config`).
+    Source: hydra compose API.
     """
     register_configs()
     dirs, overrides = split_config_dirs(list(overrides or []))
@@ -358,7 +359,90 @@ def load_config(config_name: str = "train", overrides: Optional[list[str]] = Non
             raise
         raise ConfigError(_explain(exc, config_name, overrides)) from None
     OmegaConf.set_struct(cfg, True)
+    if config_name == "train":
+        validate_train_config(cfg)
     return cfg
+
+
+# Numeric ranges of the training config, checked by validate_train_config (key, lowest, highest, what it is).
+# ``lo``/``hi`` are inclusive unless the bound is written as ("gt", x) / ("lt", x); None = no bound.
+TRAIN_RANGES: tuple[tuple[str, Any, Any, str], ...] = (
+    ("seed", 0, None, "random seed"),
+    ("train.max_steps", 1, None, "optimizer steps"),
+    ("train.micro_batch_size", 1, None, "sequences per rank per micro-step"),
+    ("train.grad_accum_steps", 1, None, "micro-steps per optimizer step"),
+    ("train.lr", ("gt", 0.0), None, "learning rate"),
+    ("train.weight_decay", 0.0, None, "AdamW weight decay"),
+    ("train.warmup_steps", 0, None, "optimizer steps"),
+    ("train.eval_every", 0, None, "optimizer steps; 0 = only at the end"),
+    ("train.eval_batches", 1, None, "micro-batches per eval set"),
+    ("train.checkpoint_every", 0, None, "optimizer steps; 0 = only at the end"),
+    ("train.keep_checkpoints", 0, None, "0 keeps every tag"),
+    ("train.keep_checkpoints_done", 0, None, "0 keeps none"),
+    ("train.log_every", 1, None, "optimizer steps"),
+    ("train.grad_clip", 0.0, None, "max gradient norm; 0 = no clipping"),
+    ("train.threads", 1, None, "torch threads, or null"),
+    ("data.max_length", 2, None, "tokens"),
+    ("data.eval_fraction", 0.0, ("lt", 1.0), "share of the alignment's texts held out"),
+    ("data.max_eval_texts", 1, None, "texts per alignment"),
+    ("data.max_train_texts", 1, None, "texts, or null for all"),
+    ("irm.width_multiplier", 1, None, "IRM width / hidden size"),
+    ("irm.depth", 0, None, "hidden Linear+ReLU blocks"),
+    ("deepspeed.zero_stage", 0, 3, "ZeRO stage"),
+    ("record.every_steps", 1, None, "optimizer steps between profile records"),
+    ("record.max_new_tokens", 1, None, "tokens generated per probe prompt"),
+    ("record.queue_size", 1, None, "pending records"),
+)
+TRAIN_CHOICES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("train.schedule", ("constant", "linear", "cosine")),
+    ("record.dtype", ("float16", "float32")),
+)
+
+
+def _range_text(lo: Any, hi: Any) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"> {lo[1]}" if isinstance(lo, tuple) else f">= {lo}")
+    if hi is not None:
+        parts.append(f"< {hi[1]}" if isinstance(hi, tuple) else f"<= {hi}")
+    return " and ".join(parts)
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Check the numeric ranges and choices of a composed training config (one place for all of them).
+
+    Ranges: :data:`TRAIN_RANGES` (e.g. ``train.max_steps >= 1``, ``train.lr > 0``, ``data.max_length >= 2``,
+    ``0 <= data.eval_fraction < 1``, ``record.every_steps >= 1``; a null optional key such as
+    ``train.threads`` passes); numbers must be finite. Choices: :data:`TRAIN_CHOICES`, plus
+    ``record.compression`` when ``record.enabled`` (see ``irm_hpc.record.COMPRESSIONS``). Called by :func:`load_config` for the
+    ``train`` config and by ``irm_hpc.train.train_main``, so bad values fail before anything is written or
+    submitted. Raises ``ConfigError`` naming the key, its value and the valid range.
+    """
+    import math
+
+    for key, lo, hi, what in TRAIN_RANGES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        if not bad and lo is not None:
+            bad = value <= lo[1] if isinstance(lo, tuple) else value < lo
+        if not bad and hi is not None:
+            bad = value >= hi[1] if isinstance(hi, tuple) else value > hi
+        if bad:
+            raise ConfigError(f"{key} must be {_range_text(lo, hi)} ({what}), got {value}; set {key} in that range")
+    for key, choices in TRAIN_CHOICES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got '{value}'; set {key} to one of them")
+    compression = OmegaConf.select(cfg, "record.compression", default=None)
+    if compression is not None and OmegaConf.select(cfg, "record.enabled", default=False):
+        from irm_hpc.record.schema import _parse_compression  # h5py: only when the key is set
+
+        try:
+            _parse_compression(compression)
+        except ValueError as exc:
+            raise ConfigError(f"bad record.compression: {' '.join(str(exc).split())}; set record.compression to one of those") from None
 
 
 def require(cfg: DictConfig, *keys: str) -> None:

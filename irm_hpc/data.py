@@ -75,12 +75,22 @@ def _read_goemotions(root: Path, split: str) -> list[tuple[str, list[str]]]:
         avail = sorted(p.stem for p in root.glob("*.tsv"))
         raise DataError(f"split '{split}' not found in {root} (have: {', '.join(avail)}); set data.split")
     rows = []
-    with tsv.open(newline="", encoding="utf-8") as fh:
-        for rec in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
-            if len(rec) < 2:
-                continue
-            ids = [int(x) for x in rec[1].split(",") if x.strip()]
-            rows.append((rec[0], [names[i] for i in ids]))
+    try:
+        with tsv.open(newline="", encoding="utf-8") as fh:
+            for line, rec in enumerate(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+                if len(rec) < 2:
+                    continue
+                ids = [x.strip() for x in rec[1].split(",") if x.strip()]
+                bad = next((x for x in ids if not x.isdigit() or int(x) >= len(names)), None)
+                if bad is not None:
+                    raise DataError(f"{tsv} line {line}: label id '{bad}' is not an index into {root / 'labels.txt'} "
+                                    f"({len(names)} labels); fix the file or its labels.txt")
+                rows.append((rec[0], [names[int(i)] for i in ids]))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {tsv} ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                        "it must be UTF-8 text<TAB>label ids, one row a line") from None
+    if not rows:
+        raise DataError(f"no rows in {tsv}: it must hold text<TAB>label ids lines; fix the file or set data.split")
     return rows
 
 
@@ -93,22 +103,60 @@ def _label_names(values, names: Optional[list[str]]) -> list[list[str]]:
 
 
 def _read_table(path: Path, fmt: str, cfg) -> list[tuple[str, list[str]]]:
-    import pandas as pd
 
     if not path.is_file():
         raise DataError(f"data file not found: {path}; set data.path")
-    if fmt == "jsonl":
-        frame = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
-    elif fmt == "parquet":
-        frame = pd.read_parquet(path)
-    else:
-        frame = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_NONE if fmt == "tsv" else 0)
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty; it needs a {cfg.text_column} and a {cfg.label_column} column "
+                        "and at least one row: fix it or set data.path")
+    frame = _read_frame(path, fmt)
     for col in (cfg.text_column, cfg.label_column):
         if col not in frame.columns:
             raise DataError(f"column '{col}' not in {path} (columns: {', '.join(map(str, frame.columns))}); set data.text_column/label_column")
+    if not len(frame):
+        raise DataError(f"data file {path} has a header but no rows; add rows or set data.path")
     names = _read_labels_file(Path(cfg.labels_file)) if cfg.labels_file else None
-    labels = _label_names(frame[cfg.label_column].tolist(), names)
+    try:
+        labels = _label_names(frame[cfg.label_column].tolist(), names)
+    except IndexError:
+        raise DataError(f"{path}: a label id is out of range of data.labels_file {cfg.labels_file} ({len(names)} "
+                        "labels); fix the data or the labels file") from None
     return [(str(t), ls) for t, ls in zip(frame[cfg.text_column].tolist(), labels)]
+
+
+def _read_frame(path: Path, fmt: str):
+    """The table in ``path`` (tsv/csv/jsonl/parquet) as a pandas DataFrame. Raises ``DataError`` naming the
+    file (and the JSONL line) when it cannot be parsed."""
+    import pandas as pd
+
+    if fmt == "jsonl":
+        records = []
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise DataError(f"data file {path} is not UTF-8 text; fix it or set data.format") from None
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{path} line {i} is not JSON ({' '.join(str(exc).split())}); fix the line") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path} line {i} is a JSON {type(rec).__name__}, not an object with the text "
+                                "and label fields; fix the line")
+            records.append(rec)
+        return pd.DataFrame(records)
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_NONE if fmt == "tsv" else 0)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"data file {path} has no columns (blank lines only); it needs a header row and data "
+                        "rows: fix it or set data.path") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:  # pyarrow's errors are ValueErrors/OSErrors
+        raise DataError(f"cannot parse {path} as {fmt} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
+                        "fix the file or set data.format") from None
 
 
 def rows_from_hf(ds, text_column: str, label_column: str) -> list[tuple[str, list[str]]]:
@@ -175,7 +223,8 @@ def read_rows(cfg) -> list[tuple[str, list[str]]]:
 
     Labels go through ``data.label_map`` if set; with ``data.single_label_only`` only rows with exactly
     one (mapped) label are kept. Raises ``DataError`` for a missing path, split, column or labels file,
-    or an unknown ``data.label_map``.
+    an unknown ``data.label_map``, an empty file, a header without rows, a file that does not parse
+    (naming the file, and the line for JSONL / GoEmotions), or a label id outside the labels file.
     """
     fmt = guess_format(cfg.path) if cfg.format == "auto" else cfg.format
     path = Path(cfg.path).expanduser()
@@ -210,10 +259,14 @@ def load_alignment(cfg, alignment: str, seed: int) -> AlignmentData:
 
     Train texts: the alignment's texts minus its eval share (``data.eval_fraction``, at most
     ``data.max_eval_texts``). ``eval_other``: up to ``max_eval_texts`` texts of the other labels, drawn
-    with the same seed. Raises ``DataError`` if the label is absent (listing those present) or no
-    texts are selected.
+    with the same seed. Raises ``DataError`` if the source has no (single-label) rows, the label is absent
+    (listing those present) or no texts are selected; ``read_rows`` raises it for unreadable files.
     """
     rows = read_rows(cfg)
+    if not rows:
+        which = " with exactly one label" if cfg.single_label_only else ""
+        fix = "check the data or set data.single_label_only=false" if cfg.single_label_only else "check data.path"
+        raise DataError(f"no rows in {cfg.path}{which} (split '{cfg.split}'); {fix}")
     labels = sorted({label for _, ls in rows for label in ls})
     if alignment not in labels:
         raise DataError(f"alignment '{alignment}' not in {cfg.path} (labels present: {', '.join(labels)})")

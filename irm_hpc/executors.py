@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from irm_hpc.errors import ConfigError, IrmError, one_line
 from irm_hpc.jobs import AnalysisMapTask, AnalysisReduceTask, LocalSweep, TrainTask, local_executor
 from irm_hpc.layout import SweepDir
-from irm_hpc.manifest import Manifest, Task, analysis_params
+from irm_hpc.manifest import Manifest, ManifestError, Task, analysis_params
 
 # Slurm job states (sacct/squeue names).
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -374,13 +374,68 @@ class LocalSweepExecutor(SweepExecutor):
 
 
 
+def _stdin_is_tty() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):  # closed stdin
+        return False
+
+
+class TerminalDebugJob(submitit.local.debug.DebugJob):
+    """submitit's ``DebugJob``, but ``pdb.post_mortem`` on a failure only when stdin is a terminal.
+
+    submitit's ``DebugJob.results`` always enters the post-mortem: without a terminal (CI, nohup, a pipe
+    left open) ``--cluster debug`` then hangs at a ``(Pdb)`` prompt, or prints one and reads EOF. Without
+    a terminal this runs the submission the same way (the job's environment, log files) and lets the
+    exception propagate.
+    """
+
+    def results(self):
+        if _stdin_is_tty():
+            return super().results()
+        self._check_not_cancelled()
+        if self._submission.done():
+            return [self._submission._result]
+        import logging
+        import os
+
+        environ_backup = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(self.environ)
+        root_logger = logging.getLogger("")
+        self.paths.stdout.parent.mkdir(exist_ok=True, parents=True)
+        handlers = [logging.FileHandler(self.paths.stdout), logging.FileHandler(self.paths.stderr)]
+        handlers[0].setLevel(logging.DEBUG)
+        handlers[1].setLevel(logging.WARNING)
+        for h in handlers:
+            root_logger.addHandler(h)
+        try:
+            return [self._submission.result()]
+        finally:
+            os.environ.clear()
+            os.environ.update(environ_backup)
+            for h in handlers:
+                root_logger.removeHandler(h)
+                h.close()
+
+
+class TerminalDebugExecutor(submitit.DebugExecutor):
+    """``submitit.DebugExecutor`` whose jobs are :class:`TerminalDebugJob` (pdb only on a terminal)."""
+
+    job_class = TerminalDebugJob
+
+    def _internal_process_submissions(self, delayed_submissions):
+        return [TerminalDebugJob(self.folder, ds) for ds in delayed_submissions]
+
+
 class DebugSweepExecutor(LocalSweepExecutor):
-    """The local driver, run in the launching process when its result is asked for (pdb on failure)."""
+    """The local driver, run in the launching process when its result is asked for; on a failure pdb's
+    post-mortem when stdin is a terminal, else the error is reported and the launch goes on."""
 
     kind = "debug"
 
     def _executor(self, folder: Path) -> submitit.Executor:
-        return submitit.DebugExecutor(folder=str(folder))
+        return TerminalDebugExecutor(folder=str(folder))
 
 
 EXECUTORS: dict[str, type[SweepExecutor]] = {cls.kind: cls for cls in (SlurmSweepExecutor, LocalSweepExecutor,
@@ -414,5 +469,13 @@ def make_executor(kind: str, cluster: DictConfig) -> SweepExecutor:
 
 
 def for_manifest(manifest: Manifest) -> SweepExecutor:
-    """The executor a sweep was launched with, configured with its stored cluster section."""
-    return make_executor(manifest.executor, manifest.launch_config().cluster)
+    """The executor a sweep was launched with, configured with its stored cluster section. Raises
+    ``ManifestError`` if the manifest's launch config has no ``cluster`` section, ``LaunchError`` for an
+    unknown executor name."""
+    from omegaconf import DictConfig as _Dict
+
+    cluster = manifest.launch_config().get("cluster")
+    if not isinstance(cluster, _Dict):
+        raise ManifestError(f"{manifest.file}: its config_yaml has no 'cluster' section; restore manifest.json "
+                            "(it is written by irm_hpc.launch)")
+    return make_executor(manifest.executor, cluster)

@@ -18,6 +18,7 @@ from typing import Optional
 
 import submitit
 
+from irm_hpc.errors import one_line
 from irm_hpc.layout import RunDir, SweepDir, check_private
 
 
@@ -138,7 +139,7 @@ class LocalSweep:
             try:
                 job.result()
             except Exception as exc:  # noqa: BLE001 - one failed task must not stop the sweep
-                print(f"task {task.task_id} failed: {str(exc).splitlines()[-1] if str(exc) else exc!r}")
+                print(f"task {task.task_id} failed: {one_line(exc)} (log: {job.paths.stderr})")
         params = analysis_params(manifest)
         AnalysisMapTask([str(manifest.task_dir(t)) for t in manifest.tasks], str(sweep.analysis), params)()
         return AnalysisReduceTask(str(sweep.analysis), params)()

@@ -116,7 +116,9 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> Optional[tuple[Man
     train_keys = [o for o in overrides if o not in launch_keys]
     cfg = load_config("launch", [f"sweep={args.sweep}", f"cluster={args.cluster}", *launch_keys])
     if train_keys:  # e.g. model=llama2_7b_chat train.lr=3e-4: appended to every task's overrides
-        cfg.sweep.train_overrides = [*cfg.sweep.train_overrides, *train_keys]
+        # escaped: an override holding "${...}" is text for the task's own compose, not an interpolation of
+        # the launch config (unescaped, reading the list raised InterpolationKeyError with a traceback)
+        cfg.sweep.train_overrides = [*cfg.sweep.train_overrides, *(o.replace("${", "\\${") for o in train_keys)]
     kind = executor_kind(cfg.cluster, require_sbatch=not args.dry_run)  # a dry run previews sbatch anywhere
     executor = make_executor(kind, cfg.cluster)
     safe_component(cfg.sweep.name, "sweep.name")

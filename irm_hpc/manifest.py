@@ -123,9 +123,11 @@ def analysis_params(manifest: Manifest) -> list[str]:
 def load_manifest(sweep_dir: str | Path) -> Manifest:
     """Read ``<sweep_dir>/manifest.json``.
 
-    Raises ``ManifestError`` if the directory is not a sweep, the JSON is unreadable, the schema is
-    newer than this irm_hpc understands, task outputs were moved away, or a task's ``out_dir`` leads
-    outside the sweep directory (``layout.SweepDir.run``).
+    Raises ``ManifestError`` if the directory is not a sweep, the JSON is unreadable or of the wrong
+    shape (not an object; a field missing, unknown or of the wrong type, e.g. ``"tasks": 5`` or
+    ``{"index": "x"}``; a launch config that is not a mapping), or the schema is newer than this irm_hpc
+    understands, or a task's ``out_dir`` leads outside the sweep directory
+    (``layout.SweepDir.run``).
     """
     sweep_dir = Path(sweep_dir).resolve()
     file = SweepDir(sweep_dir).manifest
@@ -141,6 +143,10 @@ def load_manifest(sweep_dir: str | Path) -> Manifest:
     version = data.get("schema_version")
     if not isinstance(version, int) or version > MANIFEST_VERSION:
         raise ManifestError(f"{file} has manifest schema {version}; this irm_hpc reads <= {MANIFEST_VERSION}: upgrade irm_hpc")
+    problem = _shape_problem(data)
+    if problem:
+        raise ManifestError(f"{file} is not an irm_hpc manifest ({problem}); pass the directory printed by "
+                            "irm_hpc.launch, or restore manifest.json")
     try:
         tasks = [Task(**t) for t in data["tasks"]]
         data.update(sweep_dir=sweep_dir, tasks=tasks)
@@ -151,6 +157,64 @@ def load_manifest(sweep_dir: str | Path) -> Manifest:
     except (KeyError, TypeError, AttributeError) as exc:
         raise ManifestError(f"{file} is not an irm_hpc manifest ({type(exc).__name__}: {one_line(exc)}); "
                             "pass the directory printed by irm_hpc.launch") from None
+
+
+_STR, _INT, _NUM = (str,), (int,), (int, float)
+# field -> (accepted JSON types, required); lists are checked item by item ("list[str]")
+_MANIFEST_FIELDS = {"sweep": (_STR, True), "executor": (_STR, True), "created": (_NUM, True),
+                    "config_yaml": (_STR, True), "tasks": ("list", True), "sweep_dir": (_STR, False),
+                    "config_dirs": ("list[str]", False), "train_job_ids": ("list[str]", False),
+                    "analysis_job_ids": ("list[str]", False), "schema_version": (_INT, True)}
+_TASK_FIELDS = {"index": (_INT, True), "task_id": (_STR, True), "alignment": (_STR, True), "seed": (_INT, True),
+                "layer_set": (_STR, True), "out_dir": (_STR, True), "overrides": ("list[str]", True),
+                "job_id": ((str, type(None)), False), "state": (_STR, False), "submissions": ("list[dict]", False)}
+
+
+def _type_problem(where: str, value, kind) -> Optional[str]:
+    if isinstance(kind, str):  # "list", "list[str]", "list[dict]"
+        if not isinstance(value, list):
+            return f"{where} is a JSON {type(value).__name__}, not a list"
+        item = {"list[str]": str, "list[dict]": dict}.get(kind)
+        bad = next((i for i, v in enumerate(value) if item is not None and not isinstance(v, item)), None)
+        return None if bad is None else f"{where}[{bad}] is {value[bad]!r}, not a {item.__name__}"
+    if isinstance(value, bool) or not isinstance(value, kind):  # JSON true is not an index
+        return f"{where} is {value!r}, not {' or '.join('null' if k is type(None) else k.__name__ for k in kind)}"
+    return None
+
+
+def _shape_problem(data: dict) -> Optional[str]:
+    """What is wrong with the shape of a manifest's JSON (field missing, unknown, of the wrong type), or
+    None. The launch config (``config_yaml``) must be a YAML mapping (its ``cluster``, if present, a
+    mapping; ``executors.for_manifest`` requires it), and ``tasks[i].index`` must be ``i``."""
+    def objects():
+        yield _MANIFEST_FIELDS, data, ""  # checked first: "tasks" is a list before its items are read
+        for i, t in enumerate(data["tasks"]):
+            yield _TASK_FIELDS, t, f"tasks[{i}]."
+
+    for fields, obj, where in objects():
+        if not isinstance(obj, dict):
+            return f"{where.rstrip('.')} is {obj!r}, not an object"
+        for key, (kind, required) in fields.items():
+            if key not in obj:
+                if required:
+                    return f"field '{where}{key}' is missing"
+                continue
+            problem = _type_problem(f"{where}{key}", obj[key], kind)
+            if problem:
+                return problem
+        unknown = sorted(set(obj) - set(fields))
+        if unknown:
+            return f"unknown field '{where}{unknown[0]}'"
+    for i, t in enumerate(data["tasks"]):
+        if t["index"] != i:
+            return f"tasks[{i}].index is {t['index']}, not {i}"
+    try:
+        launch = OmegaConf.create(data["config_yaml"])
+    except Exception as exc:  # noqa: BLE001 - yaml and omegaconf raise many types
+        return f"config_yaml is not YAML ({type(exc).__name__})"
+    if not isinstance(launch, DictConfig) or not isinstance(launch.get("cluster", {}), (DictConfig, dict)):
+        return "config_yaml is not a launch config (a mapping whose 'cluster' is a mapping)"
+    return None
 
 
 @contextmanager

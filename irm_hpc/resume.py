@@ -38,12 +38,14 @@ def resume(sweep_dir: str, dry_run: bool) -> Optional[tuple[object, Submission]]
     manifest) or its submitit log folders are writable by others or owned by another uid: the manifest
     says what runs as you, and the log folders hold the pickles jobs load.
     """
+    first = load_manifest(sweep_dir)  # a bad directory fails here, before a lock file exists
     restrict_umask()
     sweep = SweepDir(sweep_dir)
     check_private(sweep.root, contents=True)
     for logs in (sweep.root / "logs", sweep.train_logs, sweep.analysis_logs, sweep.driver_logs):
         check_private(logs, contents=True)
-    add_config_dirs(load_manifest(sweep_dir).config_dirs)  # a bad directory fails here, before a lock file exists
+    add_config_dirs(first.config_dirs)
+    for_manifest(first)  # so does a manifest whose executor or cluster section is unusable
     with locked(sweep_dir):
         manifest = load_manifest(sweep_dir)
         rows, note = task_rows(manifest)

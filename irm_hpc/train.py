@@ -24,7 +24,7 @@ from irm_hpc.components.engine import IRMLoss, build_engine, init_irm
 from irm_hpc.components.preemption import PreemptionGuard
 from irm_hpc.components.recording import InjectionRecording, last_profile_step
 from irm_hpc.components.tracking import MetricsLog
-from irm_hpc.config import ConfigError, load_config, require, to_yaml
+from irm_hpc.config import ConfigError, load_config, require, to_yaml, validate_train_config
 from irm_hpc.data import AlignmentData, ResumableSampler, batches, collate, load_alignment, tokenize
 from irm_hpc.dist import DistInfo, init_distributed, intra_op_threads, log0, setup_logging
 from irm_hpc.errors import cli_errors
@@ -135,7 +135,25 @@ class Trainer:
             return 0
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
-        return int(state["step"])
+        step = int(state["step"])
+        self._apply_schedule(step)
+        return step
+
+    def _apply_schedule(self, step: int) -> None:
+        """Set the learning rate of the step after ``step`` from this run's config (``train.lr`` and the
+        schedule over ``train.max_steps``) instead of the checkpoint's, which a run continued to a larger
+        ``train.max_steps`` (or resumed with another ``train.lr``) must not keep. The scheduler's step
+        count stays the checkpoint's."""
+        from irm_hpc.components.engine import lr_lambda
+
+        fn = lr_lambda(self.cfg.train)
+        sched = self.scheduler
+        sched.base_lrs = [float(self.cfg.train.lr)] * len(sched.optimizer.param_groups)
+        sched.lr_lambdas = [fn] * len(sched.optimizer.param_groups)
+        lrs = [base * fn(step) for base in sched.base_lrs]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """Full IRM weights on CPU (gathered from ZeRO-3 partitions), fp32."""
@@ -255,11 +273,28 @@ class Trainer:
 def train_main(cfg: DictConfig) -> dict:
     """Run one training task for a composed config (library entry; used by launch/submitit).
 
-    Returns the final summary dict (step, eval losses, alignment_gain), or the saved one when
-    ``out_dir`` already holds a finished run. Raises an ``IrmError`` (``ConfigError``, ``DataError``,
-    ``ModelLoadError``, ``CheckpointError``, ``UnsafePathError`` for checkpoints others could have replaced)
-    for bad input before anything in ``out_dir`` is written or loaded.
+    What happens to an ``out_dir`` that already holds this run (``components.checkpoint.resume_mode``):
+
+    * unfinished: training resumes from the latest DeepSpeed tag;
+    * finished (``DONE``) with the same ``train.max_steps``: nothing is trained, the saved summary is returned;
+    * finished with fewer steps than ``train.max_steps``: training CONTINUES from the final tag (kept by
+      the default ``train.keep_checkpoints_done=1``) to the new maximum. ``DONE`` is removed once the
+      config, model and data have loaded (an interrupted continuation is an ordinary unfinished run); the
+      metrics log keeps the old steps and the old final summary line; the HDF5 record continues
+      (``injections.h5`` goes back into ``record/`` without the old run's final probe and profile, which
+      the new end re-records); ``irm.safetensors``, ``injections.h5`` and ``DONE`` are rewritten at the
+      end. The LR schedule is recomputed for the new ``train.max_steps`` (and the current ``train.lr``):
+      step s > old max uses ``lr * lr_lambda(s)`` of warmup + decay over the NEW total, as if the run had
+      been planned that long; the steps already trained keep the old schedule, so a cosine run restarts
+      from the cosine's value at the old step count rather than from ~0.
+    * finished with more steps than ``train.max_steps``, or with fewer but no kept tag
+      (``keep_checkpoints_done=0``): ``CheckpointError``, nothing touched.
+
+    Returns the final summary dict (step, eval losses, alignment_gain), or the saved one. Raises an
+    ``IrmError`` (``ConfigError``, ``DataError``, ``ModelLoadError``, ``CheckpointError``, ``UnsafePathError``
+    for checkpoints others could have replaced) for bad input before anything in ``out_dir`` is written or loaded.
     """
+    validate_train_config(cfg)
     require(cfg, "out_dir", "alignment")
     restrict_umask()  # run files and checkpoints are never writable by other users
     run = RunDir(cfg.out_dir)
@@ -270,6 +305,9 @@ def train_main(cfg: DictConfig) -> dict:
     setup_logging(dist.rank)
     trainer = Trainer(cfg, dist)
     if dist.is_main:
+        if mode == "continue":
+            log0("continuing the finished run in %s to train.max_steps=%d", run.root, cfg.train.max_steps)
+            run.done_file.unlink()
         run.root.mkdir(parents=True, exist_ok=True)
         run.config.write_text(to_yaml(cfg))
     torch.distributed.barrier()

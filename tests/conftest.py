@@ -46,9 +46,11 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def clean_env(**extra: str) -> dict:
-    """os.environ without the torch.distributed variables an in-process test may have set."""
+    """os.environ without the torch.distributed variables an in-process test may have set; this checkout
+    first on PYTHONPATH, so subprocesses import the package under test (not another editable install)."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
+    path = os.pathsep.join(dict.fromkeys([str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]))
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
 def run_module(module: str, args: list[str], timeout: int = 300, env: dict | None = None, **kw):

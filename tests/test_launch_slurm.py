@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GOEMOTIONS
 from irm_hpc import launch
 from irm_hpc.executors import SlurmSweepExecutor
 from irm_hpc.manifest import load_manifest
 from irm_hpc.record import open_run
-from slurm_utils import queue_empty, requires_slurm, sacct, sacct_final, wait_for
+from slurm_utils import queue_empty, requires_slurm, sacct_final, wait_for
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -167,3 +166,54 @@ def test_prune_checkpoints_keeps_newest_and_latest(tmp_path):
         "global_step00000005", "global_step00000015", "global_step00000020"]
     with pytest.raises(ValueError, match="keep must be >= 1"):
         prune_checkpoints(tmp_path, keep=0)
+
+
+def test_finished_run_continues_to_larger_max_steps(tsv_data, tmp_path):
+    """A finished run re-run with a larger train.max_steps trains on from its final tag (issue #13): the
+    metrics hold every step once, the HDF5 record has the steps of an uninterrupted run of the new length,
+    the LR follows the schedule over the new total. A smaller max_steps is refused untouched; the same
+    max_steps returns the saved result."""
+    from irm_hpc.components.engine import lr_lambda
+    from irm_hpc.config import load_config
+
+    out, ref = tmp_path / "cont", tmp_path / "ref"
+    common = ("record.every_steps=2", "train.keep_checkpoints=0")
+    assert run_module("irm_hpc.train", tiny_overrides(tsv_data, out, *common)).returncode == 0  # 6 steps
+    res = run_module("irm_hpc.train", tiny_overrides(tsv_data, out, *common, "train.max_steps=10"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "continuing the finished run" in res.stderr and "resuming from checkpoint step 6" in res.stderr
+    assert_finished(out, 10)
+    assert json.loads((out / "DONE").read_text())["step"] == 10
+    assert sorted(p.name for p in (out / "checkpoints").glob("global_step*")) == ["global_step00000010"]
+    assert not (out / "record").exists(), "the record was finalized again"
+    assert run_module("irm_hpc.train", tiny_overrides(tsv_data, ref, *common, "train.max_steps=10")).returncode == 0
+    with open_run(out) as run, open_run(ref) as ref_run:
+        assert run.steps.tolist() == ref_run.steps.tolist() == [0, 2, 4, 6, 8, 10]
+        assert sorted(set(run.probe.step.tolist())) == [0, 10], "old final probe (step 6) is replaced by step 10's"
+        assert len(run.probe) == len(ref_run.probe) and run.prompts == ref_run.prompts
+    cfg = load_config("train", tiny_overrides(tsv_data, out, "train.max_steps=10"))
+    fn, lrs = lr_lambda(cfg.train), {m["step"]: m["lr"] for m in metrics(out) if "tokens_per_s" in m}
+    assert all(abs(lrs[s] - cfg.train.lr * fn(s)) < 1e-9 for s in range(7, 11)), lrs
+
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    same = run_module("irm_hpc.train", tiny_overrides(tsv_data, out, *common, "train.max_steps=10"))
+    assert same.returncode == 0 and "continuing" not in same.stderr
+    shorter = run_module("irm_hpc.train", tiny_overrides(tsv_data, out, *common, "train.max_steps=4"))
+    assert shorter.returncode == 2 and "Traceback" not in shorter.stderr
+    assert shorter.stderr.strip().splitlines()[-1] == (
+        f"error: out_dir {out} holds a run finished at 10 steps; train.max_steps=4 cannot shorten it: pass "
+        "train.max_steps=10 for its result, or choose another out_dir")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp, "nothing rewritten"
+
+
+def test_finished_run_without_kept_tag_cannot_continue(tsv_data, tmp_path):
+    out = tmp_path / "lean0"
+    args = tiny_overrides(tsv_data, out, "train.keep_checkpoints_done=0", "record.enabled=false")
+    assert run_module("irm_hpc.train", args).returncode == 0
+    before = sorted(p.name for p in out.iterdir())
+    res = run_module("irm_hpc.train", [*args, "train.max_steps=8"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "kept no checkpoint of step 6 (train.keep_checkpoints_done=0)" in last
+    assert "choose another out_dir" in last
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "DONE").is_file()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -25,6 +24,7 @@ def run_cli(capsys, args) -> tuple[int, str]:
         (["irm.layers=[0,7]"], "injection layer 7 is out of range: the model has 4 layers"),
         (["train.keep_checkpoints=-1"], "train.keep_checkpoints must be >= 0 (0 keeps every tag), got -1"),
         (["data.path=/nonexistent/x.tsv"], "data file not found: /nonexistent/x.tsv"),
+        (["train.max_steps=-5", "record.enabled=false"], "train.max_steps must be >= 1 (optimizer steps), got -5"),
         (["model=smollm2_135m", "model.path=/nonexistent/dir"], "GGUF file not found"),
     ],
 )
@@ -60,3 +60,34 @@ def test_out_dir_of_other_run_refused(capsys, tsv_data, tmp_path):
     code, err = run_cli(capsys, tiny_overrides(tsv_data, out))
     assert code == 2 and "different 'seed'" in err
     assert (out / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=0", "train.max_steps must be >= 1 (optimizer steps), got 0"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be >= 1"),
+    ("train.grad_accum_steps=-1", "train.grad_accum_steps must be >= 1"),
+    ("train.lr=0", "train.lr must be > 0.0 (learning rate), got 0.0"),
+    ("train.lr=-1e-3", "train.lr must be > 0.0"),
+    ("train.lr=nan", "train.lr must be > 0.0 (learning rate), got nan"),
+    ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+    ("train.eval_every=-1", "train.eval_every must be >= 0"),
+    ("train.checkpoint_every=-2", "train.checkpoint_every must be >= 0"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.threads=0", "train.threads must be >= 1"),
+    ("train.schedule=step", "train.schedule must be one of constant, linear, cosine, got 'step'"),
+    ("record.every_steps=0", "record.every_steps must be >= 1"),
+    ("record.dtype=int8", "record.dtype must be one of float16, float32"),
+    ("record.compression=zip", "bad record.compression: compression='zip'"),
+    ("data.max_length=1", "data.max_length must be >= 2 (tokens), got 1"),
+    ("data.eval_fraction=1.0", "data.eval_fraction must be >= 0.0 and < 1.0"),
+    ("data.eval_fraction=-0.1", "data.eval_fraction must be >= 0.0 and < 1.0"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage must be >= 0 and <= 3"),
+    ("seed=-1", "seed must be >= 0 (random seed), got -1"),
+])
+def test_config_ranges_validated_at_compose(tsv_data, tmp_path, override, message):
+    """Numeric ranges are checked in one place (config.validate_train_config, from load_config("train")),
+    so launch's per-task compose and train both refuse them before anything is written (issue #13)."""
+    with pytest.raises(train.ConfigError) as info:
+        train.load_config("train", tiny_overrides(tsv_data, tmp_path / "o", override))
+    msg = str(info.value)
+    assert message in msg and "\n" not in msg and f"set {override.split('=')[0]}" in msg, msg

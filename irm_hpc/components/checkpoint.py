@@ -10,6 +10,7 @@ weights).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -65,14 +66,43 @@ def check_keep_settings(cfg_train) -> None:
                               f"got {cfg_train[key]}")
 
 
+def latest_step(ckpt_dir: Path) -> Optional[int]:
+    """The step of the tag that ``<ckpt_dir>/latest`` names, if that tag dir exists; else None."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not tag.startswith(TAG_PREFIX) or not tag[len(TAG_PREFIX):].isdigit() or not (ckpt_dir / tag).is_dir():
+        return None
+    return int(tag[len(TAG_PREFIX):])
+
+
+def done_steps(run: RunDir) -> int:
+    """``max_steps`` of the finished run in ``run`` (from ``DONE``). Raises ``CheckpointError`` if unreadable."""
+    try:
+        summary = json.loads(run.done_file.read_text())
+        return int(summary.get("max_steps", summary["step"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{run.done_file} is not a readable irm_hpc summary; restore it, or delete it to "
+                              "resume the run from its latest checkpoint") from None
+
+
 def resume_mode(cfg: DictConfig, run: RunDir) -> str:
-    """Decide what to do with the run dir: ``"fresh"``, ``"resume"`` or ``"done"``.
+    """Decide what to do with the run dir: ``"fresh"``, ``"resume"``, ``"done"`` or ``"continue"``.
+
+    * ``"done"``: it holds a finished run (``DONE``) of the same ``train.max_steps``; its saved result stands.
+    * ``"continue"``: a finished run of fewer steps than ``train.max_steps``, whose final DeepSpeed tag was
+      kept (``train.keep_checkpoints_done`` >= 1, the default): training goes on from that tag to the new
+      maximum (see ``irm_hpc.train.train_main``).
+    * ``"resume"``: an unfinished run: training goes on from the latest tag (if any).
 
     Raises ``CheckpointError`` (nothing touched) if it holds a run with a different model, data, IRM,
-    alignment, seed or batch shape, or files that are not an irm_hpc run; ``UnsafePathError`` (before
-    anything is loaded) if a run to resume has checkpoints another user could replace
-    (:func:`check_checkpoints_private`). The old ``config.yaml`` is read as data: ``${...}`` in it is
-    compared verbatim, never resolved.
+    alignment, seed or batch shape, or files that are not an irm_hpc run; if it finished at more steps than
+    ``train.max_steps`` (a run cannot be shortened); if it finished at fewer steps but kept no checkpoint
+    (``train.keep_checkpoints_done=0``); or if an unfinished run's latest tag is beyond ``train.max_steps``.
+    ``UnsafePathError`` (before anything is loaded) if a run to resume or continue has checkpoints another
+    user could replace (:func:`check_checkpoints_private`). The old ``config.yaml`` is read as data:
+    ``${...}`` in it is compared verbatim, never resolved.
     """
     out_dir = run.root
     if not out_dir.exists() or not any(out_dir.iterdir()):
@@ -90,10 +120,26 @@ def resume_mode(cfg: DictConfig, run: RunDir) -> str:
         if _select(old, key) != _select(new, key):
             raise CheckpointError(f"out_dir {out_dir} holds a run with a different '{key}'; choose another out_dir "
                                   "or restore its config")
-    if run.is_done():
+    want = int(cfg.train.max_steps)
+    tag_step = latest_step(run.checkpoints)
+    if not run.is_done():
+        if tag_step is not None and tag_step > want:
+            raise CheckpointError(f"out_dir {out_dir} holds a checkpoint at step {tag_step}, beyond train.max_steps={want}; "
+                                  f"pass train.max_steps>={tag_step} to resume it, or choose another out_dir")
+        check_checkpoints_private(run)
+        return "resume"
+    have = done_steps(run)
+    if want == have:
         return "done"
+    if want < have:
+        raise CheckpointError(f"out_dir {out_dir} holds a run finished at {have} steps; train.max_steps={want} cannot "
+                              f"shorten it: pass train.max_steps={have} for its result, or choose another out_dir")
+    if tag_step != have:
+        raise CheckpointError(f"out_dir {out_dir} holds a run finished at {have} steps that kept no checkpoint of step "
+                              f"{have} (train.keep_checkpoints_done=0), so it cannot be continued to {want} steps; "
+                              "choose another out_dir to train from scratch")
     check_checkpoints_private(run)
-    return "resume"
+    return "continue"
 
 
 def _select(data, key: str):

@@ -23,7 +23,7 @@ import torch
 from irm_hpc import __version__
 from irm_hpc.config import to_yaml
 from irm_hpc.inject import capture_residuals, inject
-from irm_hpc.layout import RunDir
+from irm_hpc.layout import RECORD_INDEX, RunDir
 
 # Seven short probe prompts spanning the paper's emotion/alignment themes. They are ours, not the
 # paper's verbatim prompt list; override with record.prompts=[...].
@@ -64,7 +64,14 @@ class InjectionRecording:
         return list(self.cfg.record.prompts) or DEFAULT_PROMPTS
 
     def open(self, start_step: int) -> None:
-        """Open the recorder (rank 0) and drop records after ``start_step`` (resume; -1 for a fresh run)."""
+        """Open the recorder (rank 0) and drop records after ``start_step`` (resume; 0 for a fresh run).
+
+        When resuming (``start_step`` > 0) with no ``record/index.json`` but an ``injections.h5`` (a
+        finished run continued to a larger ``train.max_steps``), the records before ``start_step`` are moved
+        from ``injections.h5`` back into ``record/`` (``record.segments.reopen_finalized``) and the file is
+        removed; the final ``finalize`` writes it again with the old and the new records. Raises
+        ``RecordError`` if that file cannot be read.
+        """
         if not (self.enabled and self.dist.is_main):
             return
         from irm_hpc.record import RunRecorder
@@ -77,6 +84,13 @@ class InjectionRecording:
             "world_size": self.dist.world_size, "nodes": os.environ.get("SLURM_JOB_NODELIST", os.uname().nodename),
         }
         rc = cfg.record
+        if start_step > 0 and not (self.run.record / RECORD_INDEX).is_file() and self.run.injections.is_file():
+            # a finished run being continued (or one that crashed between finalize and DONE): its records
+            # are in injections.h5; move them back into a record dir, then continue it
+            from irm_hpc.record.segments import reopen_finalized
+
+            reopen_finalized(self.run.injections, self.run.record, start_step, rc.compression)
+            self.run.injections.unlink()
         self.recorder = RunRecorder(self.run.record, meta, n_inj=len(self.layers), hidden=self.hidden,
                                     dtype=rc.dtype, compression=rc.compression, queue_size=rc.queue_size)
         self.recorder.resume(start_step if start_step > 0 else -1)

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from irm_hpc.layout import RunDir
+from irm_hpc.errors import one_line
 from irm_hpc.record.schema import (DATA_DATASETS, FINAL_NAME, PLUGIN_FILTER_IDS, PROBE_COLUMNS, PROFILE_COLUMNS,
                                    RECORD_DIRNAME, RUN_FILE, SEG_GLOB, PathLike, RecordError, RunMeta, _open_h5,
                                    _read_ds)
@@ -285,10 +286,25 @@ def open_run(path: PathLike, *, include_open: bool = True) -> RunReader:
     return _open_file(src) if src.is_file() else _open_segments(src, include_open)
 
 
+# what h5py raises for a damaged object (bad checksum, broken B-tree, bad shape) once the file has opened
+_H5_DAMAGE = (KeyError, OSError, ValueError, TypeError, IndexError, RuntimeError)
+
+
+def _damaged(p: Path, exc: BaseException) -> RecordError:
+    return RecordError(f"{p}: the file is damaged ({one_line(exc, with_type=True)}); re-run finalize from record/ "
+                       "or restore the file")
+
+
 def _open_file(p: Path) -> RunReader:
     f = _open_h5(p, data=True)
     try:
         return RunReader(p, RunMeta.from_attrs(f.attrs, p), [f], f)
+    except RecordError:
+        f.close()
+        raise
+    except _H5_DAMAGE as exc:
+        f.close()
+        raise _damaged(p, exc) from exc
     except BaseException:
         f.close()
         raise
@@ -309,8 +325,13 @@ def _open_segments(d: Path, include_open: bool) -> RunReader:
             raise RecordError(f"{d}: no completed segment and no {RUN_FILE} yet; nothing to read before the "
                               "first checkpoint")
         meta = RunMeta.from_attrs(source.attrs, Path(source.filename))
-        return RunReader(d, meta, files, run, open_segment=open_seg, open_segment_error=open_err,
-                         checkpoint_step=idx.checkpoint_step)
+        try:
+            return RunReader(d, meta, files, run, open_segment=open_seg, open_segment_error=open_err,
+                             checkpoint_step=idx.checkpoint_step)
+        except RecordError:
+            raise
+        except _H5_DAMAGE as exc:
+            raise _damaged(d, exc) from exc
     except BaseException:
         for f in [*files, *([run] if run is not None else [])]:
             f.close()

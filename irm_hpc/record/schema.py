@@ -82,21 +82,62 @@ class RunMeta:
 
     @classmethod
     def from_attrs(cls, attrs: h5py.AttributeManager, path: Path) -> "RunMeta":
-        """Build from root attributes; RecordError naming ``path`` if one is missing."""
+        """Build from root attributes. Raises RecordError naming ``path`` and the attribute if one is
+        missing or of the wrong type/value (e.g. ``hidden_size="x"``, non-integer ``injection_layers``,
+        a layer outside ``[0, n_layers)``, ``extra_meta`` that is not a JSON object)."""
         def get(key: str) -> Any:
             if key not in attrs:
                 raise RecordError(f"{path}: root attribute '{key}' is missing; "
                                   "the file is not a complete irm_hpc record")
-            value = attrs[key]
-            return value.decode() if isinstance(value, bytes) else value
+            try:
+                value = attrs[key]
+            except (OSError, TypeError, ValueError) as exc:  # an attribute h5py cannot decode
+                raise RecordError(f"{path}: root attribute '{key}' cannot be read ({one_line(exc, with_type=True)}); "
+                                  "the file is damaged or not an irm_hpc record") from None
+            return value.decode(errors="replace") if isinstance(value, bytes) else value
 
-        return cls(schema_version=int(get("schema_version")), model_name=str(get("model_name")),
-                   hidden_size=int(get("hidden_size")), n_layers=int(get("n_layers")),
-                   injection_layers=[int(v) for v in np.atleast_1d(get("injection_layers"))],
-                   alignment=str(get("alignment")), seed=int(get("seed")), config_yaml=str(get("config_yaml")),
-                   package_version=str(get("package_version")), git_commit=str(get("git_commit")),
-                   dtype=str(get("dtype")), finalized=bool(attrs.get("finalized", False)),
-                   extra=json.loads(attrs.get("extra_meta", "{}")))
+        def bad(key: str, value: Any, expected: str) -> RecordError:
+            shown = repr(value if not isinstance(value, np.ndarray) else value.tolist())
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            return RecordError(f"{path}: root attribute '{key}' is {shown}, not {expected}; the file is damaged "
+                               "or not an irm_hpc record")
+
+        def integer(key: str, low: Optional[int] = None) -> int:
+            value = get(key)
+            if isinstance(value, np.ndarray) and value.shape == ():
+                value = value[()]
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+                    or (low is not None and value < low):
+                raise bad(key, value, "an integer" + (f" >= {low}" if low is not None else ""))
+            return int(value)
+
+        def text(key: str, choices: Optional[tuple] = None) -> str:
+            value = get(key)
+            if not isinstance(value, str) or (choices is not None and value not in choices):
+                raise bad(key, value, "a string" if choices is None else f"one of {', '.join(choices)}")
+            return value
+
+        n_layers = integer("n_layers", 1)
+        layers_raw = get("injection_layers")
+        layers_arr = np.atleast_1d(np.asarray(layers_raw)) if not isinstance(layers_raw, str) else None
+        if layers_arr is None or layers_arr.ndim != 1 or not len(layers_arr) or layers_arr.dtype.kind not in "iu" \
+                or not all(0 <= int(v) < n_layers for v in layers_arr):
+            raise bad("injection_layers", layers_raw, f"a list of layer indices in [0, n_layers={n_layers})")
+        finalized = attrs.get("finalized", False)
+        if not isinstance(finalized, (bool, np.bool_, int, np.integer)):
+            raise bad("finalized", finalized, "a boolean")
+        extra_raw = attrs.get("extra_meta", "{}")
+        try:
+            extra = json.loads(extra_raw.decode() if isinstance(extra_raw, bytes) else extra_raw)
+        except (TypeError, ValueError):
+            extra = None
+        if not isinstance(extra, dict):
+            raise bad("extra_meta", extra_raw, "a JSON object")
+        return cls(schema_version=integer("schema_version"), model_name=text("model_name"),
+                   hidden_size=integer("hidden_size", 1), n_layers=n_layers,
+                   injection_layers=[int(v) for v in layers_arr], alignment=text("alignment"),
+                   seed=integer("seed"), config_yaml=text("config_yaml"), package_version=text("package_version"),
+                   git_commit=text("git_commit"), dtype=text("dtype", DTYPES), finalized=bool(finalized), extra=extra)
 
 
 def _normalize_meta(meta: dict, n_inj: int, hidden: int, dtype: str) -> dict:
@@ -253,6 +294,13 @@ def _open_h5(path: Path, *, data: bool = False) -> h5py.File:
                           f"writing ({one_line(exc, with_type=True)}); re-run finalize from record/ or restore the file") from exc
     try:
         _check_schema(f, path, data)
+    except RecordError:
+        f.close()
+        raise
+    except (KeyError, OSError, ValueError, TypeError, RuntimeError) as exc:  # h5py on damaged metadata
+        f.close()
+        raise RecordError(f"{path}: the file is damaged ({one_line(exc, with_type=True)}); re-run finalize from "
+                          "record/ or restore the file") from exc
     except BaseException:
         f.close()
         raise
@@ -260,9 +308,19 @@ def _open_h5(path: Path, *, data: bool = False) -> h5py.File:
 
 
 def _check_schema(f: h5py.File, path: Path, data: bool) -> None:
-    version = f.attrs.get("schema_version")
+    try:
+        version = f.attrs.get("schema_version")
+    except (OSError, TypeError, ValueError) as exc:
+        raise RecordError(f"{path}: root attribute 'schema_version' cannot be read ({one_line(exc, with_type=True)}); "
+                          "the file is damaged or not an irm_hpc record") from None
     if version is None:
         raise RecordError(f"{path}: not an irm_hpc record (no 'schema_version' root attribute)")
+    if isinstance(version, np.ndarray) and version.shape == ():
+        version = version[()]
+    if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
+        shown = repr(version)[:60]
+        raise RecordError(f"{path}: root attribute 'schema_version' is {shown}, not an integer; the file is damaged "
+                          "or not an irm_hpc record")
     if int(version) != SCHEMA_VERSION:
         raise RecordError(f"{path}: schema version {int(version)}, this irm_hpc ({__version__}) reads version "
                           f"{SCHEMA_VERSION}; read it with the irm_hpc version that wrote it "
@@ -278,7 +336,7 @@ def _read_ds(ds: h5py.Dataset, sel: Any = ()) -> Any:
         if h5py.check_string_dtype(ds.dtype) is not None:
             return ds.asstr()[sel]
         return ds[sel]
-    except OSError as exc:
+    except (OSError, KeyError, RuntimeError) as exc:  # KeyError/RuntimeError: h5py on damaged metadata
         if "filter" in str(exc).lower() or "plugin" in str(exc).lower():
             fix = ("its compression filter is not available; pip install hdf5plugin (irm_hpc.record "
                    "imports it; plain h5py readers must `import hdf5plugin` first)")

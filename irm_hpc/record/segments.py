@@ -73,15 +73,25 @@ class _Index:
                                   f"({__version__}) reads version {SCHEMA_VERSION}; use the irm_hpc version that "
                                   "wrote it")
             segs = [_SegInfo(**s) for s in raw["segments"]]
-            pending = list(raw.get("pending_delete", []))
+            for seg in segs:
+                ints = (seg.first_step, seg.last_step, seg.n_records, seg.n_probe_tokens)
+                if not isinstance(seg.file, str) or not all(type(v) is int for v in ints):
+                    raise TypeError(f"segment entry {asdict(seg)} has fields of the wrong type")
+            checkpoints = list(raw["checkpoints"])
+            if not all(isinstance(c, dict) and type(c.get("step")) is int and type(c.get("segments")) is int
+                       and 0 <= c["segments"] <= len(segs) for c in checkpoints):
+                raise ValueError("a checkpoint entry is not {\"step\": int, \"segments\": int <= number of segments}")
+            layout, pending = raw.get("layout"), list(raw.get("pending_delete", []))
+            if not (layout is None or isinstance(layout, dict)) or not all(isinstance(n, str) for n in pending):
+                raise TypeError("'layout' must be an object and 'pending_delete' a list of file names")
             for name in [s.file for s in segs] + pending:
                 if not is_record_segment_name(name):
                     raise RecordError(f"{path}: names {str(name)!r}, not a segment file of this directory "
                                       f"(seg-NNNNNNNN[-k].h5); delete {d} to restart the recording, or restore index.json")
-            return cls(d, raw.get("layout"), list(raw["checkpoints"]), segs, pending)
+            return cls(d, layout, checkpoints, segs, pending)
         except RecordError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RecordError(f"{path}: damaged segment index ({one_line(exc, with_type=True)}); delete {d} to restart "
                               "the recording, or restore index.json") from exc
 
@@ -225,3 +235,39 @@ def _remove_record_dir(record_dir: Path) -> None:
         record_dir.rmdir()
     except OSError:
         pass  # something else lives there; leave it
+
+
+# ----------------------------------------------------------------------------- continuing a finished run
+def reopen_finalized(final: Path, record_dir: Path, step: int, compression: Optional[str]) -> None:
+    """Turn a finalized record file back into a segment dir that a `RunRecorder` can ``resume(step)``.
+
+    ``record_dir`` gets one segment with the records of ``final`` whose step is < ``step`` (the records a
+    trainer makes before its checkpoint ``step``; records at ``step`` itself, a finished run's final
+    profile and probe, are re-recorded by the continued run), ``run.h5`` (prompts, base reference) and
+    ``index.json`` with checkpoint ``step`` — written last, so a crash before it leaves a dir that the next
+    attempt rebuilds. ``compression``: filters of the new segment. ``final`` is left in place (the caller
+    removes it once this returns). Raises RecordError naming the file if it cannot be read.
+    """
+    from irm_hpc.layout import record_segment_name
+    from irm_hpc.record.schema import RunMeta, _Layout
+
+    record_dir.mkdir(parents=True, exist_ok=True)
+    with _open_h5(final, data=True) as src:
+        meta = RunMeta.from_attrs(src.attrs, final)
+        layout = _Layout(meta.n_inj, meta.hidden_size, meta.dtype, compression)
+        attrs = {k: v for k, v in src.attrs.items() if k != "finalized"}
+        seg = record_dir / record_segment_name(0)
+        with atomic_path(seg) as tmp:
+            with _h5_open(tmp, "w", libver=LIBVER) as dst:
+                _write_attrs(dst, attrs, finalized=False)
+                layout.create(dst)
+                n_rec, n_tok = _copy_records(src, dst, step - 1)
+                first, last = _step_range(dst)
+        prompts = list(_read_ds(src["probe/prompts"])) if "probe/prompts" in src else []
+        base = _read_ds(src["base/resid_abs"]) if "base/resid_abs" in src else None
+    with atomic_path(record_dir / RUN_FILE) as tmp, _h5_open(tmp, "w", libver=LIBVER) as f:
+        _write_attrs(f, attrs, finalized=False)
+        _write_run_level(f, prompts, base)
+    index = _Index(record_dir, layout.as_dict(), [{"step": int(step), "segments": 1}],
+                   [_SegInfo(seg.name, first, last, n_rec, n_tok)])
+    index.save()
