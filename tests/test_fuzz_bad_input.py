@@ -191,7 +191,8 @@ def _read_all(path: Path) -> None:
 h5_text = st.text(st.characters(blacklist_characters="\x00"), max_size=10)  # HDF5 strings hold no NUL
 attr_values = st.one_of(st.integers(-2**40, 2**40), st.floats(), h5_text, st.booleans(),
                         st.lists(st.integers(-3, 9), min_size=0, max_size=4), st.lists(h5_text, min_size=1, max_size=3),
-                        st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=3), st.binary(max_size=8))
+                        st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=3),
+                        st.binary(max_size=8).filter(lambda b: b"\x00" not in b))  # h5py: no NUL in bytes either
 ATTRS = ["schema_version", "model_name", "hidden_size", "n_layers", "injection_layers", "alignment", "seed",
          "config_yaml", "package_version", "git_commit", "dtype", "finalized", "extra_meta"]
 
