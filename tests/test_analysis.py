@@ -119,7 +119,7 @@ def write_sweep(root: Path, extra_tasks: tuple = ()) -> Path:
             write_metrics(root / "runs" / tid, a, s)
             tasks.append({"index": len(tasks), "task_id": tid, "alignment": a, "seed": s, "layer_set": "all",
                           "out_dir": f"runs/{tid}", "overrides": []})
-    tasks += list(extra_tasks)
+    tasks += [{**t, "index": len(tasks) + k} for k, t in enumerate(extra_tasks)]  # index = position, as launch writes
     Manifest(root, "synthetic", "local", 0.0, "", [Task(**t) for t in tasks]).save()  # as irm_hpc.launch writes it
     return root
 
@@ -128,9 +128,9 @@ def write_sweep(root: Path, extra_tasks: tuple = ()) -> Path:
 def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
     # a task that has not started (no out_dir) and one with a record dir but no records yet
-    idle = {"index": 90, "task_id": "fear-s0-all", "alignment": "fear", "seed": 0, "layer_set": "all",
+    idle = {"task_id": "fear-s0-all", "alignment": "fear", "seed": 0, "layer_set": "all",
             "out_dir": "runs/fear-s0-all", "overrides": []}
-    empty = {"index": 91, "task_id": "fear-s1-all", "alignment": "fear", "seed": 1, "layer_set": "all",
+    empty = {"task_id": "fear-s1-all", "alignment": "fear", "seed": 1, "layer_set": "all",
              "out_dir": "runs/fear-s1-all", "overrides": []}
     write_sweep(root, (idle, empty))
     rec = RunRecorder(root / "runs/fear-s1-all/record", _meta("fear", 1), n_inj=N_LAYERS, hidden=HIDDEN)
