@@ -18,6 +18,8 @@ names (``timeout_min``, ``mem_gb``, ``cpus_per_task``), as in submitit.
 from __future__ import annotations
 
 import abc
+import logging
+import os
 import re
 import shlex
 import shutil
@@ -333,8 +335,6 @@ class SlurmSweepExecutor(SweepExecutor):
 
 # ----------------------------------------------------------------------------- local
 def _pid_alive(pid: int) -> bool:
-    import os
-
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
@@ -358,8 +358,6 @@ class LocalSweepExecutor(SweepExecutor):
         return Submission({"driver": str(job.job_id)}, job)
 
     def job_states(self, manifest, done, steps):
-        import os
-
         driver = manifest.train_job_ids[-1] if manifest.train_job_ids else None
         alive = driver is not None and driver.isdigit() and _pid_alive(int(driver))
         out = {}
@@ -396,9 +394,6 @@ class TerminalDebugJob(submitit.local.debug.DebugJob):
         self._check_not_cancelled()
         if self._submission.done():
             return [self._submission._result]
-        import logging
-        import os
-
         environ_backup = dict(os.environ)
         os.environ.clear()
         os.environ.update(self.environ)

@@ -131,7 +131,7 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> Optional[tuple[Man
     map_chunks([t.task_id for t in tasks], int(cfg.cluster.analysis_runs_per_task))  # fail before submitting
     if args.dry_run:
         print_plan(cfg, tasks, kind)
-        folder = Path(cfg.runs_root).resolve() / f"{cfg.sweep.name}-<timestamp>" / "logs" / "train"
+        folder = SweepDir(Path(cfg.runs_root).resolve() / f"{cfg.sweep.name}-<timestamp>").train_logs
         script = executor.preview(len(tasks), folder, executor.train_job_name(cfg.sweep.name))
         if script:
             print(script)
@@ -150,7 +150,7 @@ def report(manifest: Manifest, submission: Submission) -> None:
     print("jobs: " + ", ".join(f"{k}={v}" for k, v in submission.ids.items()))
     print(f"status:  python -m irm_hpc.status {d}")
     print(f"resume:  python -m irm_hpc.launch --resume {d}")
-    print(f"report:  {SweepDir(d).analysis / 'report.md'} (when the analysis has run)")
+    print(f"report:  {SweepDir(d).report} (when the analysis has run)")
     print(f"tensorboard --logdir {d / 'runs'}")
 
 

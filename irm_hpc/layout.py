@@ -312,9 +312,12 @@ class SweepDir:
     manifest = property(lambda self: self.root / MANIFEST)
     lock = property(lambda self: self.root / MANIFEST_LOCK)
     analysis = property(lambda self: self.root / ANALYSIS_DIR)
-    train_logs = property(lambda self: self.root / "logs" / "train")
-    analysis_logs = property(lambda self: self.root / "logs" / "analysis")
-    driver_logs = property(lambda self: self.root / "logs" / "driver")
+    summary = property(lambda self: self.analysis / ANALYSIS_SUMMARY)
+    report = property(lambda self: self.analysis / ANALYSIS_REPORT)
+    logs = property(lambda self: self.root / "logs")
+    train_logs = property(lambda self: self.logs / "train")
+    analysis_logs = property(lambda self: self.logs / "analysis")
+    driver_logs = property(lambda self: self.logs / "driver")
 
     @staticmethod
     def task_out_dir(task_id: str) -> str:

@@ -162,7 +162,7 @@ def result_lines(manifest: Manifest, rows: list[TaskRow], top: int = 3) -> list[
     failed = [r.task_id for r in rows if not r.done]
     lines = [f"tasks: {len(rows) - len(failed)}/{len(rows)} finished, {len(failed)} failed"
              + (f" ({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''})" if failed else "")]
-    summary_file = sweep.analysis / "summary.json"
+    summary_file = sweep.summary
     try:
         summary = json.loads(summary_file.read_text())
     except (OSError, ValueError):
@@ -175,7 +175,7 @@ def result_lines(manifest: Manifest, rows: list[TaskRow], top: int = 3) -> list[
             f"{c['index']} ({c.get('n_runs_significant', '?')}/{n_runs} runs)" for c in best))
     else:
         lines.append(f"consensus striation indices: none in {n_runs} runs")
-    lines.append(f"report: {sweep.analysis / 'report.md'}")
+    lines.append(f"report: {sweep.report}")
     return lines
 
 

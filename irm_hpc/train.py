@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
-from irm_hpc.components.checkpoint import Checkpointer, check_keep_settings, resume_mode
+from irm_hpc.components.checkpoint import Checkpointer, resume_mode
 from irm_hpc.components.engine import IRMLoss, build_engine, init_irm
 from irm_hpc.components.preemption import PreemptionGuard
 from irm_hpc.components.recording import InjectionRecording, last_profile_step
@@ -53,7 +53,6 @@ class Trainer:
         self.cfg, self.dist = cfg, dist
         self.run_dir = RunDir(cfg.out_dir)
         torch.manual_seed(cfg.seed)
-        check_keep_settings(cfg.train)
         threads = intra_op_threads(cfg.train.threads)
         if threads:
             torch.set_num_threads(threads)

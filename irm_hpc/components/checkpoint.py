@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from irm_hpc.errors import ConfigError, IrmError
+from irm_hpc.errors import IrmError
 from irm_hpc.layout import RunDir, check_private, make_private_dir, yaml_data
 
 TAG_PREFIX = "global_step"
@@ -45,34 +45,29 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def latest_tag(ckpt_dir: Path) -> Optional[str]:
+    """The tag name that ``<ckpt_dir>/latest`` holds (DeepSpeed writes it after each save), or None."""
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
     """Delete all but the ``keep`` newest DeepSpeed checkpoint tags in ``ckpt_dir``; the tag named by
     ``latest`` is always kept. Returns the removed tag dirs. Raises ``ValueError`` if ``keep`` < 1."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     tags = list_tags(ckpt_dir)
-    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    latest = latest_tag(ckpt_dir)
     removed = [d for d in tags[:-keep] if d.name != latest]
     for d in removed:
         shutil.rmtree(d, ignore_errors=True)
     return removed
 
 
-def check_keep_settings(cfg_train) -> None:
-    """Raise ``ConfigError`` for a negative ``train.keep_checkpoints`` / ``train.keep_checkpoints_done``."""
-    for key in ("keep_checkpoints", "keep_checkpoints_done"):
-        if int(cfg_train[key]) < 0:
-            raise ConfigError(f"train.{key} must be >= 0 (0 keeps {'every tag' if key == 'keep_checkpoints' else 'none'}), "
-                              f"got {cfg_train[key]}")
-
-
 def latest_step(ckpt_dir: Path) -> Optional[int]:
     """The step of the tag that ``<ckpt_dir>/latest`` names, if that tag dir exists; else None."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    if not tag.startswith(TAG_PREFIX) or not tag[len(TAG_PREFIX):].isdigit() or not (ckpt_dir / tag).is_dir():
+    tag = latest_tag(ckpt_dir)
+    if tag is None or not tag.startswith(TAG_PREFIX) or not tag[len(TAG_PREFIX):].isdigit() or not (ckpt_dir / tag).is_dir():
         return None
     return int(tag[len(TAG_PREFIX):])
 
@@ -158,11 +153,9 @@ def check_checkpoints_private(run: RunDir) -> None:
     """
     check_private(run.root)
     check_private(run.checkpoints, contents=True)
-    latest = run.checkpoints / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if tag and "/" not in tag and tag not in (".", ".."):
-            check_private(run.checkpoints / tag, contents=True)
+    tag = latest_tag(run.checkpoints)
+    if tag and "/" not in tag and tag not in (".", ".."):
+        check_private(run.checkpoints / tag, contents=True)
 
 
 class Checkpointer:
@@ -195,7 +188,7 @@ class Checkpointer:
         Raises ``CheckpointError`` if the latest tag cannot be loaded, ``UnsafePathError`` (nothing loaded)
         if another user could have replaced it.
         """
-        if not (self.dir / "latest").is_file():
+        if latest_tag(self.dir) is None:
             return None
         check_checkpoints_private(RunDir(self.dir.parent))  # just before DeepSpeed unpickles the tag
         path, state = self.engine.load_checkpoint(str(self.dir))

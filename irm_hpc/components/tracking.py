@@ -12,6 +12,7 @@ On resume both are cut back to the checkpoint step (the JSON log is rewritten; T
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -78,8 +79,6 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def last_record(path: Path, max_bytes: int = 4096) -> Optional[dict]:
     """The last parseable JSON line of a ``metrics.jsonl`` (read from the file's end), or None."""
-    import os
-
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
