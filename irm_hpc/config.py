@@ -47,6 +47,7 @@ class ModelConfig:
     arch: str = "llama"  # transformers model_type for random_init
     arch_config: dict = field(default_factory=dict)  # config kwargs for random_init
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn) | ... (HF attn_implementation)
     trust_remote_code: bool = False
 
 
@@ -89,6 +90,7 @@ class TrainConfig:
     warmup_steps: int = 5
     schedule: str = "cosine"  # constant | linear | cosine (after warmup)
     max_steps: int = 60  # optimizer steps
+    activation_checkpointing: bool = False  # recompute the frozen model's decoder layers in backward (less memory)
     eval_every: int = 20
     eval_batches: int = 4
     checkpoint_every: int = 20

@@ -81,16 +81,28 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def _random_model(cfg, dtype: torch.dtype) -> nn.Module:
+def _random_model(cfg, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Random weights built directly on ``device`` (a 7B model initialised on CPU takes minutes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.for_model(cfg.arch, **dict(cfg.arch_config))
     except ValueError as exc:
         raise ModelLoadError(f"model.arch '{cfg.arch}' is not a transformers model_type: {exc}") from None
-    with torch.random.fork_rng():  # same random weights in every process, global RNG untouched
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # same random weights in every process, global RNG untouched
         torch.manual_seed(1234)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with device:
+            try:
+                return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+            except (ImportError, ValueError) as exc:
+                raise ModelLoadError(_attn_error(cfg, exc)) from None
+
+
+def _attn_error(cfg, exc: Exception) -> str:
+    first = " ".join(str(exc).split())[:200]
+    return (f"model.attn_implementation '{cfg.attn_implementation}' cannot be used: {first}; "
+            "set model.attn_implementation=sdpa (or eager)")
 
 
 def _cache_dir(name: str) -> Path:
@@ -102,7 +114,7 @@ def _load_pretrained(cfg, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_path(cfg.path)
-    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    kwargs = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation}
     cached = _cache_dir(f"{cfg.name}-{Path(cfg.gguf_file).stem}") if cfg.gguf_file else None
     if cfg.gguf_file:
         if not (Path(src) / cfg.gguf_file).is_file():
@@ -116,7 +128,11 @@ def _load_pretrained(cfg, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
+    except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
+        raise ModelLoadError(_attn_error(cfg, exc)) from None
     except (OSError, ValueError) as exc:
+        if "attn_implementation" in str(exc) or "attention" in str(exc).lower():
+            raise ModelLoadError(_attn_error(cfg, exc)) from None
         first = " ".join(str(exc).split())[:300]
         raise ModelLoadError(f"cannot load model '{cfg.path}': {first}") from None
     if "gguf_file" in kwargs:
@@ -147,7 +163,10 @@ def load_model(cfg, device: Optional[torch.device] = None):
     """Load the frozen base model and tokenizer described by ``cfg`` (a ``ModelConfig``).
 
     Returns ``(model, tokenizer)``: the model in eval mode on ``device`` (default :func:`default_device`)
-    with every parameter ``requires_grad=False``; the tokenizer has a pad token (EOS if it had none)
+    with every parameter ``requires_grad=False``, in ``model.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU),
+    with attention ``model.attn_implementation`` (default ``sdpa``: PyTorch's
+    ``scaled_dot_product_attention``, which picks a flash / memory-efficient kernel on CUDA;
+    ``flash_attention_2`` needs the ``flash-attn`` package); the tokenizer has a pad token (EOS if it had none)
     and right padding.
 
     Raises:
@@ -156,7 +175,7 @@ def load_model(cfg, device: Optional[torch.device] = None):
     device = device or default_device()
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.random_init:
-        model, tokenizer = _random_model(cfg, dtype), byte_tokenizer()
+        model, tokenizer = _random_model(cfg, dtype, device), byte_tokenizer()
     else:
         model, tokenizer = _load_pretrained(cfg, dtype)
     if tokenizer.pad_token is None:
