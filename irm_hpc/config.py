@@ -108,7 +108,7 @@ class DeepSpeedConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_param: bool = False
-    bf16: str = "auto"  # auto = on with CUDA, off on CPU
+    bf16: str = "auto"  # auto = on with CUDA, off on CPU; true = IRM in bf16 with fp32 master weights
     extra: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON config
 
 
@@ -398,6 +398,8 @@ TRAIN_RANGES: tuple[tuple[str, Any, Any, str], ...] = (
 TRAIN_CHOICES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("train.schedule", ("constant", "linear", "cosine")),
     ("record.dtype", ("float16", "float32")),
+    ("deepspeed.bf16", ("auto", "true", "false")),
+    ("model.dtype", ("auto", "float32", "bfloat16", "float16")),
 )
 
 
@@ -435,6 +437,8 @@ def validate_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be {_range_text(lo, hi)} ({what}), got {value}; set {key} in that range")
     for key, choices in TRAIN_CHOICES:
         value = OmegaConf.select(cfg, key, default=None)
+        if key == "deepspeed.bf16" and value is not None:
+            value = str(value).lower()  # hydra's true -> 'True' in a str field
         if value is not None and value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got '{value}'; set {key} to one of them")
     compression = OmegaConf.select(cfg, "record.compression", default=None)

@@ -84,7 +84,8 @@ def intra_op_threads(requested: int | None) -> int | None:
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through ``deepspeed.init_distributed`` (idempotent).
 
-    Backend: nccl with CUDA, gloo on CPU. A single process without launcher variables gets
+    Backend: nccl with CUDA (after ``torch.cuda.set_device`` to the rank's device,
+    ``models.cuda_device_index``), gloo on CPU. A single process without launcher variables gets
     RANK=0, WORLD_SIZE=1 and a free loopback port.
     """
     if "RANK" not in os.environ:
@@ -94,6 +95,10 @@ def init_distributed() -> DistInfo:
     configure_accelerator()
     import deepspeed
 
+    if torch.cuda.is_available():  # NCCL binds each rank's communicator to its current device
+        from irm_hpc.models import default_device
+
+        torch.cuda.set_device(default_device())
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from irm_hpc.errors import IrmError
+from irm_hpc.errors import ConfigError, IrmError
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,29 @@ class ModelLoadError(IrmError, ValueError):
     """The model or tokenizer cannot be found or loaded (one-line message with the fix)."""
 
 
+def cuda_device_index(local_rank: int, n_visible: int) -> int:
+    """The CUDA device index of a rank, given the number of devices it sees.
+
+    Two layouts are common on Slurm: every rank of a node sees all of the node's GPUs
+    (``--gpus-per-node=N``, as under torchrun and DeepSpeed's launcher) and takes device ``LOCAL_RANK``;
+    or the scheduler binds one GPU per rank (``--gpus-per-task=1``, ``--gpu-bind=single:1``), so each
+    rank sees one device, index 0. Raises ``ConfigError`` when ``LOCAL_RANK >= n_visible > 1`` (more
+    ranks per node than GPUs: request as many GPUs per node as tasks per node).
+    """
+    if n_visible < 1:
+        raise ConfigError("no CUDA device visible; request GPUs (cluster.gpus_per_node) or run on CPU")
+    if n_visible == 1:
+        return 0
+    if not 0 <= local_rank < n_visible:
+        raise ConfigError(f"LOCAL_RANK {local_rank} but only {n_visible} GPUs are visible on this node; "
+                          "set cluster.gpus_per_node equal to cluster.tasks_per_node")
+    return local_rank
+
+
 def default_device() -> torch.device:
-    """``cuda:<LOCAL_RANK>`` when CUDA is available, else CPU."""
+    """``cuda:<index>`` (:func:`cuda_device_index` of ``LOCAL_RANK``) when CUDA is available, else CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", cuda_device_index(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()))
     return torch.device("cpu")
 
 

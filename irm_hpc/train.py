@@ -70,7 +70,7 @@ class Trainer:
                                         dist.world_size)
         irm = init_irm(self.hidden, self.layers, cfg.irm, cfg.seed)
         irm.to(self.device)
-        self.module = IRMLoss(irm, self.lm)
+        self.module = IRMLoss(irm, self.lm, cfg.train.activation_checkpointing)
         self.engine, self.scheduler = build_engine(cfg, self.module, self.device)
         self.checkpointer = Checkpointer(self.engine, self.run_dir, cfg.train.keep_checkpoints,
                                          cfg.train.keep_checkpoints_done, dist.world_size, dist.is_main)
@@ -87,7 +87,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- data and eval
     def _batch(self, seqs: list[list[int]]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in collate(seqs, self.tokenizer.pad_token_id).items()}
+        """Padded ``(batch, seq)`` tensors on the device (pinned + non-blocking copies on CUDA)."""
+        cuda = self.device.type == "cuda"
+        out = collate(seqs, self.tokenizer.pad_token_id).items()
+        return {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=cuda) for k, v in out}
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         return self._batch([self.train_ids[i] for i in self.sampler.next_batch()])
@@ -223,16 +226,19 @@ class Trainer:
         """
         t0, tokens, losses = time.perf_counter(), 0, []
         for micro in range(self.cfg.train.grad_accum_steps):
-            batch = self._next_batch()
-            loss = self.engine(**batch)
-            if micro == 0 and self.recording.wants_profile(step):
-                self.recording.profile(step, self.engine.module.last_injection, batch["attention_mask"])
-            self.engine.backward(loss)
+            seqs = [self.train_ids[i] for i in self.sampler.next_batch()]
+            tokens += sum(len(s) for s in seqs) * self.dist.world_size  # counted on the host: no device sync
+            batch = self._batch(seqs)
+            with self.engine.module.micro_step():  # hooks live through the backward (activation checkpointing)
+                loss = self.engine(**batch)
+                if micro == 0 and self.recording.wants_profile(step):
+                    self.recording.profile(step, self.engine.module.last_injection, batch["attention_mask"])
+                self.engine.backward(loss)
             self.engine.step()
-            losses.append(float(loss.detach()))
-            tokens += int(batch["attention_mask"].sum()) * self.dist.world_size
+            losses.append(loss.detach())
+        mean_loss = float(torch.stack(losses).float().mean())  # one host sync per optimizer step
         step_time = time.perf_counter() - t0
-        rec = {"step": step + 1, "loss": sum(losses) / len(losses), "lr": self.scheduler.get_last_lr()[0],
+        rec = {"step": step + 1, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
                "tokens_per_s": tokens / step_time, "step_time_s": step_time, "time": time.time(),
                "max_steps": self.cfg.train.max_steps}
         self.last_loss = rec["loss"]
