@@ -147,7 +147,8 @@ class ClusterConfig:
     partition: Optional[str] = None
     nodes: int = 1
     tasks_per_node: int = 1  # DeepSpeed ranks per node (= GPUs per node on GPU clusters)
-    gpus_per_node: int = 0
+    gpus_per_node: int = 0  # GPUs per node (--gpus-per-node): every rank sees them all, uses LOCAL_RANK
+    gpus_per_task: int = 0  # or GPUs per rank (--gpus-per-task): Slurm binds each rank to its own GPU(s)
     cpus_per_task: int = 2
     mem_gb: float = 8.0
     timeout_min: int = 120

@@ -109,6 +109,21 @@ def init_distributed() -> DistInfo:
     )
 
 
+def placement(info: DistInfo, device: torch.device) -> dict:
+    """Where this rank runs: ``rank``, ``local_rank``, ``node`` (host name), ``cuda_visible_devices`` (as the
+    scheduler set it, ``None`` if unset) and ``device`` (e.g. ``cuda:1``, ``cpu``)."""
+    return {"rank": info.rank, "local_rank": info.local_rank, "node": socket.gethostname(),
+            "slurm_node": os.environ.get("SLURMD_NODENAME"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": str(device)}
+
+
+def gather_placements(info: DistInfo, device: torch.device) -> list[dict]:
+    """Every rank's :func:`placement`, in rank order (a collective: all ranks call it)."""
+    out: list = [None] * info.world_size
+    torch.distributed.all_gather_object(out, placement(info, device))
+    return out
+
+
 def setup_logging(rank: int) -> None:
     """INFO logs on rank 0, warnings only elsewhere; quiet DeepSpeed's own INFO chatter."""
     level = logging.INFO if rank == 0 else logging.WARNING

@@ -249,6 +249,8 @@ class SlurmSweepExecutor(SweepExecutor):
                           mem=f"{int(c.mem_gb * 1024)}MB", time=int(c.timeout_min))
             if c.gpus_per_node:
                 params["gpus_per_node"] = int(c.gpus_per_node)
+            if c.gpus_per_task:
+                params["gpus_per_task"] = int(c.gpus_per_task)
         return check_sbatch_parameters({k: v for k, v in params.items() if v not in (None, [], {})})
 
     def validate(self, sweep_name: str, n_tasks: int) -> None:

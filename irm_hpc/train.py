@@ -26,7 +26,7 @@ from irm_hpc.components.recording import InjectionRecording, last_profile_step
 from irm_hpc.components.tracking import MetricsLog
 from irm_hpc.config import ConfigError, load_config, require, to_yaml, validate_train_config
 from irm_hpc.data import AlignmentData, ResumableSampler, batches, collate, load_alignment, tokenize
-from irm_hpc.dist import DistInfo, init_distributed, intra_op_threads, log0, setup_logging
+from irm_hpc.dist import DistInfo, gather_placements, init_distributed, intra_op_threads, log0, setup_logging
 from irm_hpc.errors import cli_errors
 from irm_hpc.inject import decoder_layers, inject, layer_set_layers, resolve_layers
 from irm_hpc.irm import IRM
@@ -80,6 +80,7 @@ class Trainer:
         self.base_eval: dict[str, float] = {}
         self.last_loss: Optional[float] = None
         self.guard = PreemptionGuard()
+        self.placements = gather_placements(dist, self.device)  # which node/GPU each rank uses, for DONE
 
     @property
     def irm(self) -> IRM:
@@ -260,6 +261,7 @@ class Trainer:
         summary = {"step": self.cfg.train.max_steps, "max_steps": self.cfg.train.max_steps,
                    "loss": self.last_loss, "world_size": self.dist.world_size, **final_eval}
         self.metrics.log(summary)
+        summary["ranks"] = self.placements  # DONE only: metrics.jsonl keeps numbers
         weights = self.export_weights()
         if self.dist.is_main:
             from safetensors.torch import save_file

@@ -12,6 +12,8 @@ SLURM_ETC="/etc/slurm"
 SLURM_CONF="$SLURM_ETC/slurm.conf"
 SLURMDBD_CONF="$SLURM_ETC/slurmdbd.conf"
 SLURM_CONF_TEMPLATE="$SLURM_DIR_SELF/slurm.conf.in"
+GRES_CONF="$SLURM_ETC/gres.conf"
+FAKE_GPU_DIR="/run/irm-slurm-gpus"  # simulated GPU device files (slurm/up.sh --gpus G)
 
 LOG_DIR="/var/log/slurm"
 CTLD_SPOOL="/var/spool/slurmctld"

@@ -3,8 +3,8 @@
 #
 #   sudo bash slurm/down.sh [--all]
 #
-# Stops every slurmd, slurmctld and slurmdbd and removes the n1..nN block from
-# /etc/hosts. MariaDB and munged keep running (they are cheap and make the next
+# Stops every slurmd, slurmctld and slurmdbd, removes the n1..nN block from
+# /etc/hosts and the simulated GPU device files. MariaDB and munged keep running (they are cheap and make the next
 # up.sh faster) unless --all is given. Configuration, accounting database and
 # job state are kept; running jobs are cancelled first.
 set -euo pipefail
@@ -53,6 +53,11 @@ if [[ -n "$stepd" ]]; then
     say "stopping leftover slurmstepd: $stepd"
     # shellcheck disable=SC2086
     stop_pids 10 $stepd
+fi
+
+if [[ -d "$FAKE_GPU_DIR" ]]; then
+    rm -rf "$FAKE_GPU_DIR"
+    say "simulated GPU device files removed ($FAKE_GPU_DIR)"
 fi
 
 if grep -qF "$HOSTS_BEGIN" /etc/hosts 2>/dev/null; then
