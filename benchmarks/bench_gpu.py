@@ -87,15 +87,16 @@ def run_row(args, cfg, lm, shape: ModelShape, layers: list[int], device: torch.d
             peak: float | None, profile_path: Path | None = None) -> dict:
     """Build the engine, time ``args.steps`` training steps after ``args.warmup``; returns the row's numbers."""
     irm = init_irm(shape.hidden, layers, cfg.irm, seed=0)
-    module = IRMLoss(irm, lm)
+    module = IRMLoss(irm, lm, activation_checkpointing=bool(cfg.train.activation_checkpointing))
     engine, _ = build_engine(cfg, module, device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, min(shape.vocab, 256), (args.micro_batch, args.seq), generator=gen).to(device)
     mask = torch.ones_like(ids)
 
-    def step():
-        loss = engine(ids, mask, ids)
-        engine.backward(loss)
+    def step():  # as Trainer.train_step: hooks (and checkpointed layers) held through the backward
+        with module.micro_step():
+            loss = engine(ids, mask, ids)
+            engine.backward(loss)
         engine.step()
 
     try:

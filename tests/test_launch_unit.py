@@ -57,11 +57,20 @@ def test_sbatch_for_slurm_gpu_has_requested_resources():
                                  "cluster.constraint=a100", "cluster.partition=gpu-long",
                                  "+cluster.additional_parameters.exclusive=true"])
     text = SlurmSweepExecutor(cfg.cluster).preview(28, Path("runs/SWEEP/logs/train"))
-    for line in ("#SBATCH --array=0-27%16", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
-                 "#SBATCH --nodes=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=204800MB", "#SBATCH --time=720",
+    for line in ("#SBATCH --array=0-27%16", "#SBATCH --gpus-per-node=1", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --nodes=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=65536MB", "#SBATCH --time=720",
                  "#SBATCH --partition=gpu-long", "#SBATCH --account=proj7", "#SBATCH --qos=high",
                  "#SBATCH --constraint=a100", "#SBATCH --signal=USR2@90", "#SBATCH --exclusive"):
         assert line in text, f"{line!r} missing from:\n{text}"
+    assert "--gpus-per-task" not in text
+
+
+def test_sbatch_gpus_per_task_binds_gpus_to_ranks():
+    cfg = load_config("launch", ["sweep=full", "cluster=slurm_gpu", "cluster.gpus_per_node=0",
+                                 "cluster.gpus_per_task=1", "cluster.tasks_per_node=4"])
+    text = SlurmSweepExecutor(cfg.cluster).preview(28, Path("runs/SWEEP/logs/train"))
+    assert "#SBATCH --gpus-per-task=1" in text and "#SBATCH --ntasks-per-node=4" in text
+    assert "--gpus-per-node" not in text
 
 
 def test_expand_tasks_names_and_overrides():

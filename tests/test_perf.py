@@ -133,11 +133,13 @@ def test_memory_plan_rows():
     assert "| all | 512 | 3 | none |" in markdown(res)
 
 
-def test_bench_gpu_cpu_mode(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bench_gpu_cpu_mode(tmp_path, checkpointing):
     out = tmp_path / "bench.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--shapes",
-                           "tiny", "--steps", "2", "--warmup", "1", "--zero-stages", "0,2", "--out", str(out)],
+                           "tiny", "--steps", "2", "--warmup", "1", "--zero-stages", "0,2", "--out", str(out),
+                           *(["--activation-checkpointing"] if checkpointing else [])],
                           check=False, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -146,6 +148,7 @@ def test_bench_gpu_cpu_mode(tmp_path):
     for row in res["rows"]:
         assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["step_time_s"] > 0
         assert "peak_mem_gib" in row and row["mfu"] is None
+        assert row["activation_checkpointing_active"] is checkpointing
         shape = ModelShape(**row["model_shape"])
         expect = train_flops_per_token(shape, layer_set_layers(row["layer_set"], shape.n_layers), row["seq_len"])
         assert row["flops_per_token"] == expect["total"]
