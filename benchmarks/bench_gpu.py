@@ -112,7 +112,8 @@ def run_row(args, cfg, lm, shape: ModelShape, layers: list[int], device: torch.d
         if profile_path is not None:
             write_profile(step, device, profile_path)
     finally:
-        checkpointing = bool(getattr(lm, "is_activation_checkpointing", getattr(lm, "is_gradient_checkpointing", False)))
+        flag = "is_activation_checkpointing" if hasattr(type(lm), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        checkpointing = bool(getattr(lm, flag, False))
         if hasattr(engine, "destroy"):
             engine.destroy()  # drop DeepSpeed's hooks and buffers before the next row
     step_s = statistics.median(times)
