@@ -6,11 +6,30 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import DIST_VARS
 from irm_hpc.components.engine import IRMLoss, build_engine, init_irm, use_bf16
 from irm_hpc.config import ConfigError, load_config
 from irm_hpc.dist import init_distributed
 from irm_hpc.inject import inject
 from irm_hpc.models import cuda_device_index, load_model
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank process group for DeepSpeed in this process. The environment variables it sets are
+    restored afterwards: later tests launch Slurm jobs from this process, which inherit its environment,
+    and a leaked MASTER_PORT (bound by this process's store) would make their rendezvous fail. The group
+    itself stays (DeepSpeed caches its groups; a re-initialised one would not match them)."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    init_distributed()
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _cfg(*extra: str):
@@ -94,11 +113,10 @@ def test_bf16_setting_is_parsed_and_checked():
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_bf16_trains_the_irm_in_bf16_with_fp32_master_weights(stage):
+def test_bf16_trains_the_irm_in_bf16_with_fp32_master_weights(stage, process_group):
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    init_distributed()
     cfg = _cfg("deepspeed.bf16=true", "model.dtype=bfloat16", f"deepspeed.zero_stage={stage}", "train.lr=1e-2")
     lm, _ = load_model(cfg.model)
     assert next(lm.parameters()).dtype == torch.bfloat16
