@@ -33,10 +33,11 @@ from irm_hpc.components.engine import IRMLoss, build_engine, init_irm
 from irm_hpc.config import load_config
 from irm_hpc.dist import init_distributed
 from irm_hpc.inject import layer_set_layers
-from irm_hpc.models import load_model
+from irm_hpc.models import default_device, load_model
 from irm_hpc.perf import (
     SHAPES,
     ModelShape,
+    irm_params,
     mfu,
     peak_flops,
     peak_key,
@@ -55,8 +56,9 @@ def model_overrides(name: str, seq: int) -> list[str]:
     sizes = {"hidden_size": s.hidden, "num_hidden_layers": s.n_layers, "intermediate_size": s.intermediate,
              "num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads, "vocab_size": s.vocab,
              "max_position_embeddings": max(seq, 2048), "tie_word_embeddings": s.tied_embeddings}
-    return base + [f"+model.arch_config.{k}={str(v).lower() if isinstance(v, bool) else v}" if k ==
-                   "tie_word_embeddings" else f"model.arch_config.{k}={v}" for k, v in sizes.items()]
+    out = base + [f"model.arch_config.{k}={v}" for k, v in sizes.items() if k != "tie_word_embeddings"]
+    # tiny_random's arch_config has no tie_word_embeddings key: added with "+"
+    return out + [f"+model.arch_config.tie_word_embeddings={str(s.tied_embeddings).lower()}"]
 
 
 def make_cfg(args, shape_name: str, layer_set: str, stage: int):
@@ -173,10 +175,8 @@ def main() -> None:
         if name != "tiny" and name not in SHAPES:
             ap.error(f"unknown shape '{name}': use tiny or one of {', '.join(SHAPES)}")
 
-    info = init_distributed()
-    device = torch.device("cuda", info.local_rank) if args.device == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    info = init_distributed()  # on CUDA it also sets this rank's device (models.cuda_device_index)
+    device = default_device() if args.device == "cuda" else torch.device("cpu")
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops(dev_name) if device.type == "cuda" else None
     rows = []
@@ -199,7 +199,8 @@ def main() -> None:
                        "n_inj": len(layers), "zero_stage": stage, "micro_batch": args.micro_batch,
                        "seq_len": args.seq, "world_size": info.world_size,
                        "activation_checkpointing": args.activation_checkpointing,
-                       "n_irm_params": sum(i * o + o for i, o in _irm_shapes(shape, layers, cfg))}
+                       "n_irm_params": irm_params(shape.hidden, len(layers), cfg.irm.width_multiplier,
+                                                  cfg.irm.depth)}
                 if device.type == "cuda":
                     free(device)
                     torch.cuda.reset_peak_memory_stats(device)
@@ -223,12 +224,6 @@ def main() -> None:
     if info.is_main:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-
-
-def _irm_shapes(shape: ModelShape, layers: list[int], cfg):
-    from irm_hpc.perf import irm_linear_shapes
-
-    return irm_linear_shapes(shape.hidden, len(layers), cfg.irm.width_multiplier, cfg.irm.depth)
 
 
 if __name__ == "__main__":

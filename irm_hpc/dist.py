@@ -110,7 +110,8 @@ def init_distributed() -> DistInfo:
 
 
 def placement(info: DistInfo, device: torch.device) -> dict:
-    """Where this rank runs: ``rank``, ``local_rank``, ``node`` (host name), ``cuda_visible_devices`` (as the
+    """Where this rank runs: ``rank``, ``local_rank``, ``node`` (host name), ``slurm_node`` (Slurm's node
+    name, ``None`` outside Slurm; simulated nodes share one host), ``cuda_visible_devices`` (as the
     scheduler set it, ``None`` if unset) and ``device`` (e.g. ``cuda:1``, ``cpu``)."""
     return {"rank": info.rank, "local_rank": info.local_rank, "node": socket.gethostname(),
             "slurm_node": os.environ.get("SLURMD_NODENAME"),

@@ -115,13 +115,18 @@ def _random_model(cfg, dtype: torch.dtype, device: torch.device) -> nn.Module:
             try:
                 return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
             except (ImportError, ValueError) as exc:
-                raise ModelLoadError(_attn_error(cfg, exc)) from None
+                raise _load_error(cfg, exc) from None
 
 
-def _attn_error(cfg, exc: Exception) -> str:
-    first = " ".join(str(exc).split())[:200]
-    return (f"model.attn_implementation '{cfg.attn_implementation}' cannot be used: {first}; "
-            "set model.attn_implementation=sdpa (or eager)")
+def _load_error(cfg, exc: Exception) -> ModelLoadError:
+    """The one-line error of a failed model load: an unusable ``model.attn_implementation`` (transformers
+    raises ImportError for a missing kernel package, ValueError naming ``attn_implementation`` or
+    FlashAttention otherwise) gets its own fix; anything else names the model."""
+    msg = " ".join(str(exc).split())
+    if isinstance(exc, ImportError) or "attn_implementation" in msg or "flashattention" in msg.lower():
+        return ModelLoadError(f"model.attn_implementation '{cfg.attn_implementation}' cannot be used: {msg[:200]}; "
+                              "set model.attn_implementation=sdpa (or eager)")
+    return ModelLoadError(f"cannot load model '{cfg.path}': {msg[:300]}")
 
 
 def _cache_dir(name: str) -> Path:
@@ -133,7 +138,7 @@ def _load_pretrained(cfg, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_path(cfg.path)
-    kwargs = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation}
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
     cached = _cache_dir(f"{cfg.name}-{Path(cfg.gguf_file).stem}") if cfg.gguf_file else None
     if cfg.gguf_file:
         if not (Path(src) / cfg.gguf_file).is_file():
@@ -146,14 +151,10 @@ def _load_pretrained(cfg, dtype: torch.dtype):
         raise ModelLoadError(f"model path not found: {src}; pass model.path=<hub name or existing dir>")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
-    except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
-        raise ModelLoadError(_attn_error(cfg, exc)) from None
-    except (OSError, ValueError) as exc:
-        if "attn_implementation" in str(exc) or "attention" in str(exc).lower():
-            raise ModelLoadError(_attn_error(cfg, exc)) from None
-        first = " ".join(str(exc).split())[:300]
-        raise ModelLoadError(f"cannot load model '{cfg.path}': {first}") from None
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                     **kwargs)
+    except (ImportError, OSError, ValueError) as exc:
+        raise _load_error(cfg, exc) from None
     if "gguf_file" in kwargs:
         _save_cache(model, tokenizer, cached)
     return model, tokenizer

@@ -93,8 +93,11 @@ class Trainer:
         out = collate(seqs, self.tokenizer.pad_token_id).items()
         return {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=cuda) for k, v in out}
 
+    def _next_seqs(self) -> list[list[int]]:
+        return [self.train_ids[i] for i in self.sampler.next_batch()]
+
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        return self._batch([self.train_ids[i] for i in self.sampler.next_batch()])
+        return self._batch(self._next_seqs())
 
     @torch.no_grad()
     def eval_loss(self, name: str, enabled: bool) -> float:
@@ -227,7 +230,7 @@ class Trainer:
         """
         t0, tokens, losses = time.perf_counter(), 0, []
         for micro in range(self.cfg.train.grad_accum_steps):
-            seqs = [self.train_ids[i] for i in self.sampler.next_batch()]
+            seqs = self._next_seqs()
             tokens += sum(len(s) for s in seqs) * self.dist.world_size  # counted on the host: no device sync
             batch = self._batch(seqs)
             with self.engine.module.micro_step():  # hooks live through the backward (activation checkpointing)

@@ -62,11 +62,12 @@ class IRMLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self._injector is not None:
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
-            self.last_injection = self._injector.last_injection
-            return out.loss
-        with inject(self.lm, self.irm) as state:
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+            return self._loss(self._injector, input_ids, attention_mask, labels)
+        with inject(self.lm, self.irm) as state:  # a forward on its own: hooks for this call only
+            return self._loss(state, input_ids, attention_mask, labels)
+
+    def _loss(self, state, input_ids, attention_mask, labels) -> torch.Tensor:
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
         self.last_injection = state.last_injection
         return out.loss
 
@@ -84,12 +85,12 @@ def enable_activation_checkpointing(lm: nn.Module) -> None:
     before transformers 5).
     Raises ``ConfigError`` for a model without HF activation checkpointing support.
     """
-    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    kwargs = {"use_reentrant": False}
     try:
-        if enable.__name__ == "activation_checkpointing_enable":
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:  # transformers < 5
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     except ValueError as exc:
         raise ConfigError(f"train.activation_checkpointing: {exc}; set train.activation_checkpointing=false") from None
     if hasattr(lm, "disable_input_require_grads"):
@@ -177,12 +178,11 @@ def use_bf16(cfg: DictConfig, device: torch.device) -> bool:
 
     On, DeepSpeed trains the IRM in bf16 (weights, activations, gradients) and keeps fp32 master weights
     and Adam state in its optimizer (ZeRO 1-3: ``DeepSpeedZeroOptimizer`` / ``_Stage3``; ZeRO 0:
-    ``BF16_Optimizer``). Hydra turns ``deepspeed.bf16=true`` into the string ``'True'``, so the value is
-    compared case-insensitively. Raises ``ConfigError`` for another value.
+    ``FP16_UnfusedOptimizer``'s fp32 copies; see ``irm_hpc.perf.memory_estimate``). Hydra turns
+    ``deepspeed.bf16=true`` into the string ``'True'``, so the value is compared case-insensitively; the
+    allowed values are checked once, by ``config.validate_train_config``.
     """
     value = str(cfg.deepspeed.bf16).lower()
-    if value not in ("auto", "true", "false"):
-        raise ConfigError(f"deepspeed.bf16 must be auto, true or false, got '{cfg.deepspeed.bf16}'; set one of them")
     return value == "true" or (value == "auto" and device.type == "cuda")
 
 
