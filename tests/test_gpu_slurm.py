@@ -33,7 +33,14 @@ def two_gpus():
     out = subprocess.run(["sinfo", "-h", "-N", "-o", "%G"], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["gpu:2"], f"sinfo GRES: {out!r}"
     yield
+    # Reconfiguring restarts slurmctld/slurmd: a job still completing then fails to be killed ("Kill task
+    # failed") and drains the node, which left the next tests' jobs pending. Let the queue empty first.
+    wait_for(lambda: not _squeue_all(), 120, "the queue to empty before reconfiguring", poll_s=1)
     _up()  # back to the CPU-only cluster the other tests expect
+
+
+def _squeue_all() -> str:
+    return subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _alloc_tres(job_id: str) -> str:
@@ -55,6 +62,8 @@ def _train_on_gpus(tmp_path, name: str, *cluster: str) -> list[dict]:
         wait_for(lambda: queue_empty([m.train_job_ids[0]]), 400, f"the {name} task", poll_s=2)
     finally:
         subprocess.run(["scancel", *m.analysis_job_ids], capture_output=True)  # not needed here
+        wait_for(lambda: queue_empty([m.train_job_ids[0], *m.analysis_job_ids]), 120,
+                 f"the {name} sweep to leave the queue", poll_s=1)
     task = m.tasks[0]
     assert sacct_final([task.job_id.split("_")[0]])[task.job_id]["State"] == "COMPLETED"
     assert "gres/gpu=2" in _alloc_tres(task.job_id), _alloc_tres(task.job_id)
