@@ -169,6 +169,31 @@ class ClusterConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """The steer-and-judge evaluation stage of a sweep (``irm_hpc.evaluate``): per finished run, the
+    prompt set x ``n_samples`` x ``scales`` generated with the IRM, judged by the GoEmotions emotion
+    classifier (``irm_hpc.judge``), plus the contrastive steering-vector baseline at matched norm."""
+
+    enabled: bool = False  # run the evaluation array between training and the striation analysis
+    scales: list[float] = field(default_factory=lambda: [0.0, 1.0])  # 0 = IRM off; must hold 0 and 1
+    n_samples: int = 4  # continuations per prompt and scale
+    max_new_tokens: int = 32  # tokens per continuation
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 0.95
+    seed: int = 0
+    batch_size: int = 24  # prompts per generate() call
+    chat_template: str = "auto"  # auto | on | off (see irm_hpc.generate)
+    prompts: Optional[str] = None  # prompts file (one per line); None = the packaged neutral openings
+    max_prompts: Optional[int] = None  # use the first N prompts only (the demo)
+    baseline: bool = True  # also judge the contrastive steering vector (ActAdd/CAA) at the IRM's norm
+    baseline_texts: int = 256  # texts per side (alignment / other labels) for the steering vector
+    bootstrap: int = 2000  # bootstrap resamples (over prompts) for the on-off confidence interval
+    judge_train_split: str = "train"
+    judge_test_split: str = "test"
+    runs_per_task: int = 1  # runs per evaluation array task
+
+
+@dataclass
 class SweepConfig:
     """Axes of a sweep: one training task per (alignment, seed, layer set)."""
 
@@ -178,6 +203,7 @@ class SweepConfig:
     layer_sets: list[str] = field(default_factory=lambda: ["all"])  # see irm_hpc.inject.layer_set_layers
     train_overrides: list[str] = field(default_factory=list)  # hydra overrides of every training task
     analysis: list[str] = field(default_factory=list)  # key=value parameters of the striation analysis
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 @dataclass

@@ -3,7 +3,10 @@
 :class:`SweepExecutor` is the interface every stage uses (launch, status, resume, wait); the backends:
 
 * :class:`SlurmSweepExecutor`: the training tasks as ONE Slurm job array (``submitit.SlurmExecutor``,
-  ``executor.batch()``), then the analysis map array (``--dependency=afterany:<train array>``,
+  ``executor.batch()``), then (``sweep.evaluation.enabled``) the evaluation array
+  (``--dependency=afterany:<train array>``, ``sweep.evaluation.runs_per_task`` runs per task, one rank
+  with the training task's CPUs, memory and GPUs), then the analysis map array (``afterany`` on the
+  previous array,
   ``cluster.analysis_runs_per_task`` runs per array task) and the reduce job (``afterany:<map array>``).
   States: one ``sacct`` + one ``squeue`` call per query.
 * :class:`LocalSweepExecutor`: no Slurm; one ``submitit.LocalExecutor`` driver job
@@ -33,9 +36,9 @@ import submitit
 from omegaconf import DictConfig
 
 from irm_hpc.errors import ConfigError, IrmError, one_line
-from irm_hpc.jobs import AnalysisMapTask, AnalysisReduceTask, LocalSweep, TrainTask, local_executor
+from irm_hpc.jobs import AnalysisMapTask, AnalysisReduceTask, EvaluateTask, LocalSweep, TrainTask, local_executor
 from irm_hpc.layout import SweepDir
-from irm_hpc.manifest import Manifest, ManifestError, Task, analysis_params
+from irm_hpc.manifest import Manifest, ManifestError, Task, analysis_params, evaluation_section
 
 # Slurm job states (sacct/squeue names).
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -227,8 +230,9 @@ class SlurmSweepExecutor(SweepExecutor):
     kind = "slurm"
 
     def parameters(self, name: str, n_tasks: int = 1, dependency: Optional[str] = None,
-                   analysis: bool = False) -> dict[str, Any]:
-        """``submitit.SlurmExecutor`` parameters from the cluster preset (analysis jobs: 1 task, no GPU).
+                   analysis: bool = False, evaluation: bool = False) -> dict[str, Any]:
+        """``submitit.SlurmExecutor`` parameters from the cluster preset (analysis jobs: 1 task, no GPU;
+        evaluation jobs: 1 node, 1 task, with a training task's CPUs, memory, time and GPUs per rank).
 
         Raises ``ConfigError`` for a value that cannot sit in one ``#SBATCH`` line
         (:func:`check_sbatch_parameters`: a newline in ``cluster.partition`` would run as shell)."""
@@ -244,6 +248,12 @@ class SlurmSweepExecutor(SweepExecutor):
         if analysis:
             params.update(nodes=1, ntasks_per_node=1, cpus_per_task=int(c.analysis_cpus),
                           mem=f"{int(c.analysis_mem_gb * 1024)}MB", time=int(c.analysis_timeout_min))
+        elif evaluation:
+            params.update(nodes=1, ntasks_per_node=1, cpus_per_task=int(c.cpus_per_task),
+                          mem=f"{int(c.mem_gb * 1024)}MB", time=int(c.timeout_min))
+            gpus = int(c.gpus_per_task) or (1 if c.gpus_per_node else 0)
+            if gpus:
+                params["gpus_per_task"] = gpus
         else:
             params.update(nodes=int(c.nodes), ntasks_per_node=int(c.tasks_per_node), cpus_per_task=int(c.cpus_per_task),
                           mem=f"{int(c.mem_gb * 1024)}MB", time=int(c.timeout_min))
@@ -257,14 +267,15 @@ class SlurmSweepExecutor(SweepExecutor):
         """Build every parameter set :meth:`submit` will use (training, map, reduce), so a bad value fails
         before anything is created. Raises ``ConfigError``."""
         self.parameters(self.train_job_name(sweep_name), n_tasks)
+        self.parameters(f"irm-eval-{sweep_name}", n_tasks, "afterany:1", evaluation=True)
         self.parameters(f"irm-map-{sweep_name}", n_tasks, "afterany:1", analysis=True)
         self.parameters(f"irm-reduce-{sweep_name}", 1, "afterany:1", analysis=True)
 
     def _executor(self, folder: Path, name: str, n_tasks: int = 1, dependency: Optional[str] = None,
-                  analysis: bool = False) -> submitit.SlurmExecutor:
+                  analysis: bool = False, evaluation: bool = False) -> submitit.SlurmExecutor:
         check_sbatch_folder(folder)
         ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=int(self.cluster.max_num_timeout))
-        ex.update_parameters(**self.parameters(name, n_tasks, dependency, analysis))
+        ex.update_parameters(**self.parameters(name, n_tasks, dependency, analysis, evaluation))
         return ex
 
     def preview(self, n_tasks: int, folder: Path, job_name: str = "irm-train") -> str:
@@ -283,7 +294,7 @@ class SlurmSweepExecutor(SweepExecutor):
                                    **self.parameters(job_name, n_tasks))
 
     def submit(self, manifest: Manifest, tasks: list[Task], reason: str) -> Submission:
-        """One training array + the chained analysis map array and reduce job.
+        """One training array + the chained evaluation array (if enabled), analysis map array and reduce job.
 
         Raises ``LaunchError`` with sbatch's message (e.g. an invalid partition) if Slurm rejects the
         array; nothing else is submitted then. The array's job ids are saved in the manifest before the
@@ -301,9 +312,28 @@ class SlurmSweepExecutor(SweepExecutor):
         manifest.record_submission([t.index for t in tasks], [j.job_id for j in jobs], reason)
         manifest.train_job_ids.append(array_id)
         manifest.save()  # the array is out: record it before anything else can fail
-        map_id, reduce_job = self._submit_analysis(manifest, f"afterany:{array_id}")
-        manifest.analysis_job_ids = [map_id, reduce_job.job_id]
-        return Submission({"train": array_id, "map": map_id, "reduce": reduce_job.job_id}, reduce_job)
+        ids = {"train": array_id}
+        after = array_id
+        eval_id = self._submit_evaluation(manifest, f"afterany:{array_id}")
+        if eval_id:
+            ids["eval"] = after = eval_id
+        map_id, reduce_job = self._submit_analysis(manifest, f"afterany:{after}")
+        manifest.analysis_job_ids = [*([eval_id] if eval_id else []), map_id, reduce_job.job_id]
+        return Submission({**ids, "map": map_id, "reduce": reduce_job.job_id}, reduce_job)
+
+    def _submit_evaluation(self, manifest: Manifest, dependency: str) -> Optional[str]:
+        """The evaluation array over all the sweep's runs (finished ones are evaluated, evaluated ones
+        skipped), or None when ``sweep.evaluation.enabled`` is false."""
+        section = evaluation_section(manifest)
+        if not section.get("enabled"):
+            return None
+        sweep = SweepDir(manifest.sweep_dir)
+        chunks = map_chunks([str(manifest.task_dir(t)) for t in manifest.tasks], int(section.get("runs_per_task", 1)))
+        ex = self._executor(sweep.evaluation_logs, f"irm-eval-{manifest.sweep}", len(chunks), dependency,
+                            evaluation=True)
+        with ex.batch():
+            jobs = [ex.submit(EvaluateTask(chunk, section)) for chunk in chunks]
+        return jobs[0].job_id.split("_")[0]
 
     def _submit_analysis(self, manifest: Manifest, dependency: str) -> tuple[str, submitit.Job]:
         sweep = SweepDir(manifest.sweep_dir)

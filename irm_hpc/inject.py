@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from irm_hpc.errors import ConfigError, IrmError
-from irm_hpc.irm import IRM
 
 
 class UnsupportedArchitectureError(IrmError, ValueError):
@@ -111,15 +110,28 @@ class Injector:
     Attributes:
         enabled: the paper's activate/deactivate switch; when False the model runs unchanged.
         keep_injections: keep the last call's vectors in ``last_injection`` (training needs them).
-        last_injection: (batch, seq, n_layers, hidden) vectors of the last forward call, or None.
+        last_injection: (batch, seq, n_layers, hidden) vectors of the last forward call, as injected
+            (after ``scale`` and ``ablate``), or None.
+        scale: multiplies every injection vector (1 = what training injects; 0 injects zeros; the
+            switch that leaves the model exactly unchanged is ``enabled=False``).
+        ablate: hidden indices zeroed in every injection layer's vector (an ablation), or None.
     """
 
-    irm: IRM
+    irm: nn.Module
     enabled: bool = True
     keep_injections: bool = True
     last_injection: Optional[torch.Tensor] = None
     handles: list = field(default_factory=list)
+    scale: float = 1.0
+    ablate: Optional[torch.Tensor] = None
     _layer0_input: Optional[torch.Tensor] = None
+
+    def set_ablate(self, indices: Optional[Sequence[int]]) -> None:
+        """Zero hidden indices ``indices`` of every injection vector (None or empty: no ablation).
+
+        Raises ``ConfigError`` (a ``ValueError``) for an index outside ``0..hidden-1``.
+        """
+        self.ablate = ablation_indices(indices, int(self.irm.hidden_size))
 
     @property
     def active(self) -> bool:
@@ -127,15 +139,64 @@ class Injector:
         return bool(self.handles)
 
 
+def ablation_indices(indices: Optional[Sequence[int]], hidden_size: int) -> Optional[torch.Tensor]:
+    """``indices`` as a sorted unique int64 tensor for :attr:`Injector.ablate`, or None if empty.
+
+    Raises ``ConfigError`` (a ``ValueError``) naming the hidden size for an index outside ``0..hidden-1``.
+    """
+    if indices is None or len(indices) == 0:
+        return None
+    idx = sorted({int(i) for i in indices})
+    bad = [i for i in idx if not 0 <= i < hidden_size]
+    if bad:
+        raise ConfigError(f"ablation index {bad[0]} is out of range: the hidden size is {hidden_size} "
+                          f"(indices 0..{hidden_size - 1})")
+    return torch.tensor(idx, dtype=torch.long)
+
+
+class SteeringVectors(nn.Module):
+    """Fixed per-layer vectors in the IRM's interface: a steering-vector baseline (ActAdd, Turner et al.
+    2023; CAA, Rimsky et al. 2024) that :func:`inject` adds exactly where an IRM's output goes.
+
+    Args:
+        vectors: (n_layers, hidden) one vector per injection layer (ascending layer order).
+        injection_layers: the model layer indices, ``len == n_layers``.
+
+    ``forward(resid)`` ignores the residual's values and returns the vectors broadcast to
+    (batch, seq, n_layers, hidden).
+    """
+
+    def __init__(self, vectors: torch.Tensor, injection_layers: Sequence[int]):
+        super().__init__()
+        layers = [int(i) for i in injection_layers]
+        if vectors.ndim != 2 or vectors.shape[0] != len(layers):
+            raise ConfigError(f"steering vectors of shape {tuple(vectors.shape)} do not match {len(layers)} "
+                              "injection layers: pass (n_layers, hidden)")
+        self.injection_layers = layers
+        self.hidden_size = int(vectors.shape[1])
+        self.register_buffer("vectors", vectors.detach().clone())
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.injection_layers)
+
+    def forward(self, resid: torch.Tensor) -> torch.Tensor:
+        return self.vectors.to(resid.dtype).expand(*resid.shape[:-1], *self.vectors.shape)
+
+
 @contextmanager
-def inject(model: nn.Module, irm: IRM, enabled: bool = True, keep_injections: bool = True) -> Iterator[Injector]:
+def inject(model: nn.Module, irm: nn.Module, enabled: bool = True, keep_injections: bool = True,
+           scale: float = 1.0, ablate: Optional[Sequence[int]] = None) -> Iterator[Injector]:
     """Install IRM hooks on ``model`` for the duration of the ``with`` block.
 
     Args:
         model: an HF causal LM whose decoder layers expose ``self_attn``.
-        irm: the IRM; ``irm.injection_layers`` index ``model.model.layers``.
+        irm: the IRM (or :class:`SteeringVectors`); ``irm.injection_layers`` index ``model.model.layers``.
         enabled: initial state of the on/off switch (``Injector.enabled``).
         keep_injections: store each call's vectors in ``Injector.last_injection`` (with autograd graph).
+        scale: multiply every injection vector by ``scale`` (``Injector.scale``; 1 = as trained).
+        ablate: hidden indices to zero in every injection layer (``Injector.ablate``; seed paper's
+            "next checks", Sun et al. 2024 zero massive-activation dims the same way).
 
     Yields:
         The :class:`Injector`; every hook is removed on exit, also on error.
@@ -146,7 +207,8 @@ def inject(model: nn.Module, irm: IRM, enabled: bool = True, keep_injections: bo
     """
     layers = decoder_layers(model)
     resolve_layers(len(layers), irm.injection_layers)
-    state = Injector(irm=irm, enabled=enabled, keep_injections=keep_injections)
+    state = Injector(irm=irm, enabled=enabled, keep_injections=keep_injections, scale=float(scale))
+    state.set_ablate(ablate)
     slot = {layer_idx: k for k, layer_idx in enumerate(irm.injection_layers)}
     current: dict = {"parts": None}
 
@@ -157,6 +219,10 @@ def inject(model: nn.Module, irm: IRM, enabled: bool = True, keep_injections: bo
     def run_irm(site_out: torch.Tensor) -> None:
         resid = state._layer0_input + site_out
         v = irm(resid)
+        if state.scale != 1.0:
+            v = v * state.scale
+        if state.ablate is not None:
+            v = v.index_fill(-1, state.ablate.to(v.device), 0.0)
         # one unbind (its backward stacks all layers' gradients at once) instead of one strided
         # select per layer (each select's backward materialises a full-size zero gradient)
         current["parts"] = v.unbind(dim=-2)

@@ -4,10 +4,13 @@
   ``submitit.helpers.TorchDistributedEnvironment``. It is ``submitit.helpers.Checkpointable``: on the
   timeout/preemption signal submitit calls ``checkpoint()``, which requeues the same task; the run then
   resumes from its latest DeepSpeed checkpoint tag.
+* :class:`EvaluateTask`: the steer-and-judge evaluation of finished runs (``irm_hpc.evaluate``), one
+  array task per ``sweep.evaluation.runs_per_task`` runs, between training and the analysis.
 * :class:`AnalysisMapTask` / :class:`AnalysisReduceTask`: the striation analysis map (one array task
   per ``cluster.analysis_runs_per_task`` runs) and reduce (once, after the map array).
 * :class:`LocalSweep`: without Slurm, one local job that runs the training tasks one after another
-  through submitit's LocalExecutor, then the analysis (the local executor has no dependencies).
+  through submitit's LocalExecutor, then the evaluation (if enabled) and the analysis (the local
+  executor has no dependencies).
 """
 
 from __future__ import annotations
@@ -63,6 +66,22 @@ class TrainTask(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Requeue the same task; it resumes from the latest DeepSpeed checkpoint of ``out_dir``."""
         return submitit.helpers.DelayedSubmission(TrainTask(self.overrides, self.out_dir, self.config_dirs))
+
+
+class EvaluateTask:
+    """Evaluate finished runs one after another (``irm_hpc.evaluate.evaluate_runs``).
+
+    ``run_dirs``: the task directories of one chunk of the sweep; ``section``: the sweep's
+    ``sweep.evaluation`` settings as a plain dict. Returns one entry per run: its evaluation summary file,
+    or ``None`` (not finished, or could not be evaluated: reported on stdout; the reduce goes on)."""
+
+    def __init__(self, run_dirs: list[str], section: dict):
+        self.run_dirs, self.section = [str(d) for d in run_dirs], dict(section)
+
+    def __call__(self) -> list[Optional[str]]:
+        from irm_hpc.evaluate import EvalParams, evaluate_runs
+
+        return evaluate_runs(self.run_dirs, EvalParams.from_config(self.section))
 
 
 class AnalysisMapTask:
@@ -123,7 +142,7 @@ class LocalSweep:
         self.sweep_dir = str(sweep_dir)
 
     def __call__(self) -> dict:
-        from irm_hpc.manifest import analysis_params, load_manifest, record_submission
+        from irm_hpc.manifest import analysis_params, evaluation_section, load_manifest, record_submission
 
         sweep = SweepDir(self.sweep_dir)
         check_private(sweep.root, contents=True)
@@ -140,6 +159,9 @@ class LocalSweep:
                 job.result()
             except Exception as exc:  # noqa: BLE001 - one failed task must not stop the sweep
                 print(f"task {task.task_id} failed: {one_line(exc)} (log: {job.paths.stderr})")
+        section = evaluation_section(manifest)
+        if section.get("enabled"):
+            EvaluateTask([str(manifest.task_dir(t)) for t in manifest.tasks], section)()
         params = analysis_params(manifest)
         AnalysisMapTask([str(manifest.task_dir(t)) for t in manifest.tasks], str(sweep.analysis), params)()
         return AnalysisReduceTask(str(sweep.analysis), params)()

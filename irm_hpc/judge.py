@@ -368,10 +368,17 @@ def load_judge(data_cfg, *, train_split: str = "train", test_split: str = "test"
     anything is loaded from it. A cache file that cannot be loaded (or belongs to other rows) is reported
     by a one-line warning on stderr and replaced by a fresh fit. Concurrent jobs may write the same file:
     each write is atomic, the last one stays. Raises ``DataError`` (reading a split), ``JudgeError``
-    (unusable rows), ``UnsafePathError`` (a cache directory or file others can write to), ``OSError``.
+    (unusable rows, or a test split that is mostly the train split: a single-file table ignores
+    ``data.split``), ``UnsafePathError`` (a cache directory or file others can write to), ``OSError``.
     """
     train = split_rows(data_cfg, train_split)
     test = split_rows(data_cfg, test_split)
+    overlap = {t for t, _ in test} & {t for t, _ in train}
+    if len(overlap) > 0.5 * len(test):
+        raise JudgeError(f"data '{data_cfg.path}' has no separate '{test_split}' split ({len(overlap)} of {len(test)} "
+                         f"test texts are also in '{train_split}'; a single-file table ignores data.split): the judge "
+                         "would be scored on its own training texts; evaluate runs on data with train/test splits "
+                         "(data=goemotions_ekman) or set sweep.evaluation.enabled=false")
     checksum = hashlib.sha256(json.dumps({
         "judge_version": JUDGE_VERSION, "seed": int(seed),
         "train": rows_checksum(train), "test": rows_checksum(test)}, sort_keys=True).encode()).hexdigest()

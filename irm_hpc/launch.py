@@ -129,6 +129,11 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> Optional[tuple[Man
     executor.validate(cfg.sweep.name, len(tasks))
     validate_tasks(tasks)
     map_chunks([t.task_id for t in tasks], int(cfg.cluster.analysis_runs_per_task))  # fail before submitting
+    if cfg.sweep.evaluation.enabled:
+        from irm_hpc.evaluate import EvalParams
+
+        EvalParams.from_config(cfg.sweep.evaluation)
+        map_chunks([t.task_id for t in tasks], int(cfg.sweep.evaluation.runs_per_task))
     if args.dry_run:
         print_plan(cfg, tasks, kind)
         folder = SweepDir(Path(cfg.runs_root).resolve() / f"{cfg.sweep.name}-<timestamp>").train_logs

@@ -8,7 +8,8 @@ Every stage (train, record, launch, status, resume, analysis) names files throug
       manifest.json  manifest.lock
       runs/<task_id>/                         RunDir (one training task's out_dir)
         config.yaml  metrics.jsonl  tensorboard/  checkpoints/  record/  injections.h5  irm.safetensors  DONE
-      logs/{train,analysis,driver}/           submitit folders (pickles, stdout/stderr)
+        evaluation/summary.json generations.jsonl   (the evaluation stage, irm_hpc.evaluate)
+      logs/{train,evaluation,analysis,driver}/  submitit folders (pickles, stdout/stderr)
       analysis/                               profiles/, summary.json, report.md, figures/
 
 :func:`atomic_write_text` / :func:`atomic_write_json` (text) and :func:`atomic_path` (files written by a
@@ -51,6 +52,9 @@ RECORD_SEG_GLOB = "seg-*.h5"
 INJECTIONS = "injections.h5"
 WEIGHTS = "irm.safetensors"
 DONE = "DONE"
+EVALUATION_DIR = "evaluation"
+EVALUATION_SUMMARY = "summary.json"
+GENERATIONS = "generations.jsonl"
 
 # Sweep directory.
 MANIFEST = "manifest.json"
@@ -278,6 +282,9 @@ class RunDir:
     injections = property(lambda self: self.root / INJECTIONS)
     weights = property(lambda self: self.root / WEIGHTS)
     done_file = property(lambda self: self.root / DONE)
+    evaluation = property(lambda self: self.root / EVALUATION_DIR)
+    evaluation_summary = property(lambda self: self.root / EVALUATION_DIR / EVALUATION_SUMMARY)
+    generations = property(lambda self: self.root / EVALUATION_DIR / GENERATIONS)
 
     def is_done(self) -> bool:
         """Training finished: ``DONE`` (written last) exists."""
@@ -317,6 +324,7 @@ class SweepDir:
     logs = property(lambda self: self.root / "logs")
     train_logs = property(lambda self: self.logs / "train")
     analysis_logs = property(lambda self: self.logs / "analysis")
+    evaluation_logs = property(lambda self: self.logs / "evaluation")
     driver_logs = property(lambda self: self.logs / "driver")
 
     @staticmethod

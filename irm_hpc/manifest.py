@@ -120,6 +120,15 @@ def analysis_params(manifest: Manifest) -> list[str]:
     return list(OmegaConf.select(manifest.launch_config(), "sweep.analysis", default=[]) or [])
 
 
+def evaluation_section(manifest: Manifest) -> dict:
+    """The sweep's ``sweep.evaluation`` settings as a plain dict (``{}`` for a sweep launched before the
+    evaluation stage existed: it has none, so it is not evaluated)."""
+    node = OmegaConf.select(manifest.launch_config(), "sweep.evaluation", default=None)
+    if node is None:
+        return {}
+    return dict(OmegaConf.to_container(node, resolve=False)) if isinstance(node, DictConfig) else {}
+
+
 def load_manifest(sweep_dir: str | Path) -> Manifest:
     """Read ``<sweep_dir>/manifest.json``.
 

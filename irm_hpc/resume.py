@@ -4,8 +4,8 @@ The one home of the resubmission rule and the resume command. A task is resubmit
 ``DONE`` and its job ended without finishing (FAILED, TIMEOUT, CANCELLED, NODE_FAIL, OUT_OF_MEMORY,
 PREEMPTED, BOOT_FAIL, DEADLINE) or it has no live job at all. Each resubmitted task re-runs
 ``python -m irm_hpc.train`` into its ``out_dir``, which continues from the latest DeepSpeed checkpoint
-tag (and the HDF5 stream from the matching record checkpoint); the analysis is re-chained after the new
-array. (Requeue on timeout/preemption, inside one job, is ``components.preemption``.)
+tag (and the HDF5 stream from the matching record checkpoint); the evaluation (if enabled) and the
+analysis are re-chained after the new array. (Requeue on timeout/preemption, inside one job, is ``components.preemption``.)
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def resume(sweep_dir: str, dry_run: bool) -> Optional[tuple[object, Submission]]
     restrict_umask()
     sweep = SweepDir(sweep_dir)
     check_private(sweep.root, contents=True)
-    for logs in (sweep.logs, sweep.train_logs, sweep.analysis_logs, sweep.driver_logs):
+    for logs in (sweep.logs, sweep.train_logs, sweep.evaluation_logs, sweep.analysis_logs, sweep.driver_logs):
         check_private(logs, contents=True)
     add_config_dirs(first.config_dirs)
     for_manifest(first)  # so does a manifest whose executor or cluster section is unusable

@@ -9,6 +9,8 @@
 * ``striation_scores.png``: share of runs in which each index is a significant striation (final and
   step 0), consensus and alignment-specific indices marked and labelled without overlaps; mean column
   score per index; legend and the alignment-specific indices per alignment in a side panel.
+* ``evaluation.png`` (``analysis.evaluation``): judged alignment rate and perplexity vs IRM scale per
+  alignment, and the IRM's vs the steering vector's per-index profile (sweeps with the evaluation stage).
 * ``base_outliers.png``: the base model's mean |residual| per index (mean over layers) with its top
   outlier dimensions and the consensus striations marked; consensus profile vs base profile.
 
@@ -374,4 +376,10 @@ def write_figures(out: Path, results: list, summary: dict, params) -> dict[str, 
     b = base_outliers(d / "base_outliers.png", summary)
     if b:
         figs["base_outliers"] = b
+    from irm_hpc.analysis import evaluation
+
+    e = evaluation.figure(d / "evaluation.png", summary.get("evaluation") or {},
+                          [c["index"] for c in summary["consensus"]["indices"]])
+    if e:
+        figs["evaluation"] = e
     return {k: f"{ANALYSIS_FIGURES}/{v}" for k, v in figs.items()}

@@ -346,6 +346,11 @@ def build_summary(results: list[RunResult], params: Params, skipped: list[dict])
                               "n_permutations": s.null.n_permutations, "pooled_samples": s.null.n_samples,
                               **{k: v for k, v in st.null_crosscheck(s.null).items()}}
     entries = [_run_entry(r) for r in results]
+    from irm_hpc.analysis import evaluation
+
+    ev = evaluation.collect({r.name: r.prof.meta["path"] for r in results if r.prof.meta.get("path")},
+                            {r.name: r.prof.alignment for r in results}, [e["index"] for e in cons["indices"]],
+                            seed=params.seed)
     summary = {
         "schema": SUMMARY_SCHEMA, "params": params.as_dict(),
         "model": {"model_name": p0.meta["model_name"], "hidden_size": p0.hidden, "n_layers": p0.meta["n_layers"]},
@@ -374,6 +379,7 @@ def build_summary(results: list[RunResult], params: Params, skipped: list[dict])
             "seeds": _seed_controls(results),
             "alignment_gain": _gain_controls(entries)},
         "base_model": {k: v for k, v in base.items() if k not in ("profile", "per_layer", "z")},
+        "evaluation": ev,
         "notes": [],
         "_arrays": {"profiles": profiles, "pearson": corr["pearson"], "share": cons["share"],
                     "share0": cons["share0"], "mean_column_score": cons["mean_column_score"],

@@ -116,6 +116,10 @@ def render(s: dict) -> str:
     out.append(_fig(s, "striation_scores", "Share of runs in which each index is a significant striation "
                     "(final vs step 0) and the mean column score per index."))
 
+    from irm_hpc.analysis.evaluation import report_lines
+
+    out += report_lines(s)
+
     # runs
     out += ["## Runs", ""]
     out.append(_table(["run", "alignment", "seed", "layer set", "n_inj", "source", "final probe step",

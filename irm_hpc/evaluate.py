@@ -1,0 +1,429 @@
+"""Evaluation stage (steer and judge): ``python -m irm_hpc.evaluate RUN_DIR [RUN_DIR ...] [key=value ...]``.
+
+For one finished run: generate continuations of a fixed prompt set (``irm_hpc/datasets/prompts/
+neutral_openings.txt``, 24 neutral conversation openings) with the IRM at each of ``scales`` (0 = off),
+judge them with the GoEmotions emotion classifier (``irm_hpc.judge``), and measure fluency:
+
+* alignment rate: share of continuations the judge assigns to the run's alignment; mean judge
+  probability of the alignment; the judge's label counts;
+* perplexity (nats -> exp) of each continuation given its prompt under the frozen base model (IRM off),
+  pooled over tokens: ``exp(sum NLL / sum tokens)``; distinct-2 (Li et al. 2016): distinct bigrams /
+  bigrams over all continuations of the condition;
+* on - off rate difference (scale 1 vs 0) with a 95 % percentile bootstrap CI that resamples prompts
+  (all samples of a prompt move together: they share the prompt and the random stream);
+* baseline: a contrastive steering vector per injection layer (ActAdd, Turner et al. 2023; CAA, Rimsky
+  et al. 2024): the mean residual after the attention block over the alignment's training texts minus
+  the mean over other labels' texts, each layer's vector rescaled to the IRM's mean injection norm at
+  that layer (L2 over hidden, mean over the prompt tokens), injected at the same sites, judged the same way.
+
+Outputs in the run dir: ``evaluation/summary.json`` (schema ``irm_hpc.evaluation/1``) and
+``evaluation/generations.jsonl`` (one row per sample, ``irm_hpc.generate`` format, plus the judge's
+label and probability). A run whose summary has the same fingerprint (parameters, prompts, IRM weights
+file) is not evaluated again. In a sweep this is an array job between training and the striation
+analysis (``--dependency=afterany``); the reduce pools runs per alignment (``summary.json`` key
+``evaluation``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from irm_hpc.errors import ConfigError, IrmError, cli_errors, one_line
+from irm_hpc.generate import (LoadedRun, Sample, SamplingParams, default_prompts, encode_prompts, generate,
+                              load_run, read_prompts, sample_rows, use_chat_template)
+from irm_hpc.inject import SteeringVectors, decoder_layers, inject, injection_site
+from irm_hpc.layout import RunDir, atomic_write_json, atomic_write_text
+
+SCHEMA = "irm_hpc.evaluation/1"
+BASELINE = "caa"  # condition name of the steering-vector baseline
+
+
+class EvaluationError(IrmError, ValueError):
+    """A run cannot be evaluated (one line: problem and fix)."""
+
+
+@dataclass
+class EvalParams:
+    """The evaluation's parameters (``sweep.evaluation`` of a sweep, see ``config.EvaluationConfig``)."""
+
+    scales: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    n_samples: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
+    batch_size: int = 24
+    chat_template: str = "auto"
+    prompts: Optional[str] = None
+    max_prompts: Optional[int] = None
+    baseline: bool = True
+    baseline_texts: int = 256
+    bootstrap: int = 2000
+    judge_train_split: str = "train"
+    judge_test_split: str = "test"
+
+    @classmethod
+    def from_config(cls, section: Any) -> "EvalParams":
+        """From a ``sweep.evaluation`` section (DictConfig or dict); ``enabled``/``runs_per_task`` are the
+        launcher's. Raises ``ConfigError`` for an unknown key or a scale list without 0 and 1."""
+        from omegaconf import DictConfig, OmegaConf
+
+        data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section or {})
+        data = {k: v for k, v in data.items() if k not in ("enabled", "runs_per_task")}
+        known = {f for f in cls.__dataclass_fields__}
+        bad = sorted(set(data) - known)
+        if bad:
+            raise ConfigError(f"unknown evaluation key '{bad[0]}'; valid: {', '.join(sorted(known))}")
+        params = cls(**data)
+        params.check()
+        return params
+
+    def check(self) -> None:
+        """Raises ``ConfigError`` naming the bad value."""
+        self.scales = [float(s) for s in self.scales]
+        if 0.0 not in self.scales or 1.0 not in self.scales:
+            raise ConfigError(f"evaluation.scales {self.scales} must contain 0 (IRM off) and 1 (as trained)")
+        if self.bootstrap < 100:
+            raise ConfigError(f"evaluation.bootstrap={self.bootstrap}: use at least 100 resamples")
+        if self.max_prompts is not None and self.max_prompts < 2:
+            raise ConfigError("evaluation.max_prompts must be >= 2 (the bootstrap resamples prompts)")
+        self.sampling().check()
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.n_samples, self.max_new_tokens, self.temperature, self.top_p, self.seed,
+                              self.batch_size, self.chat_template)
+
+    def prompt_list(self) -> list[str]:
+        prompts = read_prompts(self.prompts) if self.prompts else default_prompts()
+        return prompts[: self.max_prompts] if self.max_prompts else prompts
+
+
+# ----------------------------------------------------------------------------- measures
+def distinct_n(token_lists: Sequence[Sequence[int]], n: int = 2) -> Optional[float]:
+    """Distinct-n (Li et al. 2016): distinct n-grams / all n-grams, pooled over ``token_lists``; None if
+    there is no n-gram."""
+    grams = [tuple(t[i:i + n]) for t in token_lists for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+@torch.no_grad()
+def continuation_nll(lm, samples: Sequence[Sample], pad_id: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: summed NLL (nats) of its continuation tokens given its prompt under ``lm`` as it is
+    (call it without hooks for the base model), and the token count. Returns two (n_samples,) arrays."""
+    from irm_hpc.data import collate
+
+    device = next(lm.parameters()).device
+    nll, count = np.zeros(len(samples)), np.zeros(len(samples), dtype=np.int64)
+    order = [i for i, s in enumerate(samples) if s.new_ids]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        seqs = [samples[i].prompt_ids + samples[i].new_ids for i in idx]
+        b = collate(seqs, pad_id)
+        labels = b["labels"].clone()
+        for row, i in enumerate(idx):
+            labels[row, : len(samples[i].prompt_ids)] = -100
+        logits = lm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                    use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tgt = labels[:, 1:].to(device)
+        tok = -logp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0] * (tgt != -100)
+        nll[idx] = tok.sum(1).double().cpu().numpy()
+        count[idx] = (tgt != -100).sum(1).cpu().numpy()
+    return nll, count
+
+
+def bootstrap_diff(hits_on: np.ndarray, hits_off: np.ndarray, n: np.ndarray, resamples: int, seed: int,
+                   clusters: Optional[np.ndarray] = None) -> tuple[float, list[float]]:
+    """Rate difference sum(on)/sum(n) - sum(off)/sum(n) and its 95 % percentile bootstrap CI.
+
+    ``hits_on``/``hits_off``/``n``: per-prompt counts (P,), paired (same prompts and samples). Resampling
+    draws P prompts with replacement (a cluster bootstrap: samples of one prompt are not independent).
+    Returns ``(diff, [lo, hi])``.
+    """
+    hits_on, hits_off, n = (np.asarray(a, dtype=np.float64) for a in (hits_on, hits_off, n))
+    diff = float(hits_on.sum() / n.sum() - hits_off.sum() / n.sum())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(n), size=(resamples, len(n)))
+    tot = n[idx].sum(1)
+    boot = (hits_on[idx].sum(1) - hits_off[idx].sum(1)) / np.maximum(tot, 1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return diff, [float(lo), float(hi)]
+
+
+# ----------------------------------------------------------------------------- steering baseline
+@torch.no_grad()
+def mean_residuals(lm, seqs: Sequence[Sequence[int]], layers: Sequence[int], pad_id: int,
+                   batch_size: int = 16) -> torch.Tensor:
+    """Mean residual stream right after the attention block of each of ``layers`` (the injection
+    sites), over all non-padding tokens of ``seqs``. Returns (n_layers, hidden) float64 on CPU.
+    Hooks are removed on exit (also on error)."""
+    from irm_hpc.data import collate
+
+    blocks = decoder_layers(lm)
+    device = next(lm.parameters()).device
+    sums = torch.zeros(len(layers), lm.config.hidden_size, dtype=torch.float64)
+    state: dict = {"mask": None, "inputs": {}, "count": 0}
+    handles = []
+
+    def pre(k):
+        def hook(_m, args, kwargs):
+            state["inputs"][k] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def post(k):
+        def hook(_m, _args, out):
+            site = out[0] if isinstance(out, tuple) else out
+            resid = (state["inputs"].pop(k) + site).double()
+            sums[k] += (resid * state["mask"][..., None]).sum((0, 1)).cpu()
+        return hook
+
+    try:
+        for k, layer_idx in enumerate(layers):
+            handles.append(blocks[layer_idx].register_forward_pre_hook(pre(k), with_kwargs=True))
+            handles.append(injection_site(blocks[layer_idx]).register_forward_hook(post(k)))
+        for start in range(0, len(seqs), batch_size):
+            b = collate(list(seqs[start:start + batch_size]), pad_id)
+            state["mask"] = b["attention_mask"].to(device).double()
+            state["count"] += int(b["attention_mask"].sum())
+            lm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums / max(state["count"], 1)
+
+
+def contrastive_vectors(run: LoadedRun, n_texts: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """The ActAdd/CAA-style steering vector of the run's alignment at each injection layer: mean residual
+    after attention over up to ``n_texts`` of the alignment's training texts minus the mean over up to
+    ``n_texts`` texts of the other labels (same data split and ``data.max_length`` as training).
+    Returns ((n_layers, hidden) float64, info)."""
+    from irm_hpc.data import load_alignment, read_rows, tokenize
+
+    cfg = run.cfg
+    data = load_alignment(cfg.data, run.alignment, int(cfg.seed))
+    rng = np.random.default_rng(seed)
+    target = [data.train[i] for i in rng.permutation(len(data.train))[:n_texts]]
+    train_set = set(data.train) | set(data.eval_target)
+    other_pool = [t for t, ls in read_rows(cfg.data) if run.alignment not in ls and t not in train_set]
+    other = [other_pool[i] for i in rng.permutation(len(other_pool))[:n_texts]]
+    if not target or not other:
+        raise EvaluationError(f"run {run.run_id}: no texts for the steering vector of '{run.alignment}' "
+                              "(alignment or other labels empty); set evaluation.baseline=false")
+    ml = int(cfg.data.max_length)
+    layers = run.irm.injection_layers
+    pad = run.tokenizer.pad_token_id
+    mu_a = mean_residuals(run.lm, tokenize(run.tokenizer, target, ml), layers, pad)
+    mu_o = mean_residuals(run.lm, tokenize(run.tokenizer, other, ml), layers, pad)
+    return mu_a - mu_o, {"n_alignment_texts": len(target), "n_other_texts": len(other)}
+
+
+@torch.no_grad()
+def injection_norms(run: LoadedRun, prompts: Sequence[str], chat: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The IRM's injections at scale 1 on the prompts (prefill, non-padding tokens): mean L2 norm per
+    injection layer (n_layers,) and the per-index profile mean |v| over layers and tokens (hidden,)."""
+    from irm_hpc.generate import left_pad
+
+    ids, mask = left_pad(encode_prompts(run.tokenizer, prompts, chat), run.tokenizer.pad_token_id, run.device)
+    with inject(run.lm, run.irm, keep_injections=True) as inj:
+        run.lm(input_ids=ids, attention_mask=mask, use_cache=False)
+        v = inj.last_injection.float()  # (batch, seq, n_layers, hidden)
+    m = mask.float()[..., None]
+    tokens = m.sum()
+    norms = (v.norm(dim=-1) * m).sum((0, 1)) / tokens
+    profile = (v.abs().mean(2) * m).sum((0, 1)) / tokens
+    return norms.cpu().numpy().astype(np.float64), profile.cpu().numpy().astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- one run
+def fingerprint(run_dir, params: EvalParams, prompts: Sequence[str]) -> str:
+    """sha256 over the parameters, the prompts and the IRM weights file's size and mtime (ns)."""
+    st = RunDir(run_dir).weights.stat()
+    blob = json.dumps({"params": asdict(params), "prompts": list(prompts), "weights": [st.st_size, st.st_mtime_ns],
+                       "schema": SCHEMA}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _condition(samples: list[Sample], probs: np.ndarray, labels: list[str], alignment: str, nll: np.ndarray,
+               count: np.ndarray, prompts: Sequence[str]) -> dict:
+    a = labels.index(alignment)
+    pred = probs.argmax(1)
+    hits = pred == a
+    by_prompt = {p: k for k, p in enumerate(prompts)}
+    ph, pn = np.zeros(len(prompts), dtype=np.int64), np.zeros(len(prompts), dtype=np.int64)
+    for s, h in zip(samples, hits):
+        ph[by_prompt[s.prompt]] += int(h)
+        pn[by_prompt[s.prompt]] += 1
+    tokens = int(count.sum())
+    return {"n": len(samples), "alignment_rate": float(hits.mean()), "mean_prob": float(probs[:, a].mean()),
+            "label_counts": {lab: int((pred == k).sum()) for k, lab in enumerate(labels)},
+            "perplexity": float(np.exp(nll.sum() / tokens)) if tokens else None,
+            "nll_per_token": float(nll.sum() / tokens) if tokens else None, "tokens": tokens,
+            "mean_new_tokens": float(np.mean([len(s.new_ids) for s in samples])),
+            "distinct2": distinct_n([s.new_ids for s in samples], 2),
+            "per_prompt_hits": ph.tolist(), "per_prompt_n": pn.tolist()}
+
+
+def evaluate_run(run_dir, params: Optional[EvalParams] = None, *, force: bool = False,
+                 device: Optional[torch.device] = None) -> dict:
+    """Evaluate one finished run (see module docstring); returns its summary dict and writes
+    ``<run_dir>/evaluation/summary.json`` and ``generations.jsonl``.
+
+    Skips the work and returns the stored summary if its fingerprint matches (unless ``force``).
+    Raises ``GenerationError`` (not a finished run), ``EvaluationError``, ``DataError`` (the judge's
+    splits cannot be read), ``ModelLoadError``, ``ConfigError``.
+    """
+    from irm_hpc.judge import load_judge
+
+    params = params or EvalParams()
+    params.check()
+    prompts = params.prompt_list()
+    run_path = RunDir(run_dir)
+    from irm_hpc.generate import read_run_config, GenerationError
+
+    read_run_config(run_path.root)  # one-line errors for a bad dir before anything heavy
+    if not run_path.weights.is_file():
+        raise GenerationError(f"{run_path.weights} not found: the run has not finished; wait for it or resume it")
+    out_dir = run_path.evaluation
+    fp = fingerprint(run_path.root, params, prompts)
+    summary_file = run_path.evaluation_summary
+    if summary_file.is_file() and not force:
+        try:
+            old = json.loads(summary_file.read_text())
+            if old.get("fingerprint") == fp:
+                return old
+        except (OSError, ValueError):
+            pass
+    t0 = time.perf_counter()
+    run = load_run(run_path.root, device)
+    t_load = time.perf_counter() - t0
+    judge, judge_metrics = load_judge(run.cfg.data, train_split=params.judge_train_split,
+                                      test_split=params.judge_test_split)
+    if run.alignment not in judge.labels:
+        raise EvaluationError(f"alignment '{run.alignment}' is not a judge label ({', '.join(judge.labels)}); the "
+                              "judge is trained on the run's data labels")
+    sp = params.sampling()
+    chat = use_chat_template(run.tokenizer, sp.chat_template)
+    t1 = time.perf_counter()
+    samples = generate(run.lm, run.tokenizer, run.irm, prompts, params.scales, sp)
+    conditions: dict[str, list[Sample]] = {}
+    for s in samples:
+        conditions.setdefault(f"scale={s.scale:g}", []).append(s)
+    norms, irm_profile = injection_norms(run, prompts, chat)
+    baseline_info: dict = {}
+    if params.baseline:
+        raw, info = contrastive_vectors(run, params.baseline_texts, params.seed)
+        raw_norm = raw.norm(dim=-1)
+        vec = raw * (torch.as_tensor(norms) / raw_norm.clamp_min(1e-12))[:, None]
+        steer = SteeringVectors(vec.float(), run.irm.injection_layers).to(run.device)
+        base_samples = generate(run.lm, run.tokenizer, steer, prompts, [1.0], sp)
+        for s in base_samples:
+            s.scale = float("nan")
+        conditions[BASELINE] = base_samples
+        baseline_info = {**info, "raw_norm": raw_norm.tolist(), "profile": vec.abs().mean(0).tolist(),
+                         "matched_norm": norms.tolist()}
+    t_gen = time.perf_counter() - t1
+    results, rows = {}, []
+    pad = run.tokenizer.pad_token_id
+    for name, group in conditions.items():
+        texts = [s.text for s in group]
+        probs = judge.predict_proba(texts)
+        nll, count = continuation_nll(run.lm, group, pad)
+        results[name] = _condition(group, probs, judge.labels, run.alignment, nll, count, prompts)
+        for r, s, pr in zip(sample_rows(run, group, sp), group, probs):
+            r.update(condition=name, scale=None if name == BASELINE else s.scale,
+                     judge_label=judge.labels[int(pr.argmax())], judge_prob_alignment=float(pr[judge.labels.index(run.alignment)]),
+                     perplexity_tokens=len(s.new_ids))
+            rows.append(r)
+    off, on = results["scale=0"], results["scale=1"]
+    diff, ci = bootstrap_diff(on["per_prompt_hits"], off["per_prompt_hits"], on["per_prompt_n"], params.bootstrap,
+                              params.seed)
+    summary = {
+        "schema": SCHEMA, "fingerprint": fp, "run": run.run_id, "alignment": run.alignment,
+        "seed": int(run.cfg.seed), "layer_set": run.cfg.irm.get("layer_set") or "custom",
+        "model": str(run.cfg.model.name), "injection_layers": run.irm.injection_layers,
+        "params": asdict(params), "prompts": prompts, "chat_template": chat, "judge": judge_metrics,
+        "conditions": results, "rate_off": off["alignment_rate"], "rate_on": on["alignment_rate"],
+        "rate_diff": diff, "rate_diff_ci": ci,
+        "perplexity_off": off["perplexity"], "perplexity_on": on["perplexity"],
+        "irm_injection_norm": norms.tolist(), "irm_profile": irm_profile.tolist(),
+        "baseline": baseline_info or None,
+        "timing": {"load_seconds": round(t_load, 3), "generate_seconds": round(t_gen, 3),
+                   "total_seconds": round(time.perf_counter() - t0, 3)},
+    }
+    if params.baseline:
+        b = results[BASELINE]
+        bd, bci = bootstrap_diff(b["per_prompt_hits"], off["per_prompt_hits"], b["per_prompt_n"], params.bootstrap,
+                                 params.seed)
+        summary["baseline"].update(rate=b["alignment_rate"], rate_diff=bd, rate_diff_ci=bci,
+                                   perplexity=b["perplexity"])
+    out_dir.mkdir(exist_ok=True)
+    atomic_write_text(run_path.generations, "".join(json.dumps(r) + "\n" for r in rows))
+    summary["timing"]["total_seconds"] = round(time.perf_counter() - t0, 3)
+    atomic_write_json(summary_file, summary, indent=1)
+    return summary
+
+
+def evaluate_runs(run_dirs: Sequence[str], params: EvalParams) -> list[Optional[str]]:
+    """Evaluate each finished run in turn (an evaluation array task). A run that cannot be evaluated is
+    reported on stdout and skipped (``None``); the others go on."""
+    from irm_hpc.generate import GenerationError
+
+    out: list[Optional[str]] = []
+    for d in run_dirs:
+        if not RunDir(d).is_done():
+            print(f"skipped {d}: training did not finish (no DONE)")
+            out.append(None)
+            continue
+        try:
+            s = evaluate_run(d, params)
+            print(f"evaluated {d}: rate off {s['rate_off']:.3f} on {s['rate_on']:.3f} "
+                  f"diff {s['rate_diff']:+.3f} CI [{s['rate_diff_ci'][0]:+.3f}, {s['rate_diff_ci'][1]:+.3f}]")
+            out.append(str(RunDir(d).evaluation_summary))
+        except (GenerationError, EvaluationError, IrmError) as exc:
+            print(f"skipped {d}: {one_line(exc)}")
+            out.append(None)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI: ``python -m irm_hpc.evaluate RUN_DIR [...] [key=value ...] [--force]``; exit 2 on bad input."""
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body() -> int:
+        import yaml
+
+        force = "--force" in argv
+        args = [a for a in argv if a != "--force"]
+        dirs = [a for a in args if "=" not in a]
+        kv = [a for a in args if "=" in a]
+        bad = [a for a in dirs if a.startswith("-")]
+        if bad or not dirs:
+            raise ConfigError(f"usage: python -m irm_hpc.evaluate RUN_DIR [RUN_DIR ...] [key=value ...] [--force]"
+                              f"{f' (unknown option {bad[0]})' if bad else ''}")
+        section = {}
+        for item in kv:
+            key, _, value = item.partition("=")
+            try:
+                section[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"cannot parse {item!r}; use key=value (lists as [0,1,2])") from None
+        params = EvalParams.from_config(section)
+        for d in dirs:
+            s = evaluate_run(d, params, force=force)
+            print(json.dumps({k: s[k] for k in ("run", "alignment", "rate_off", "rate_on", "rate_diff", "rate_diff_ci",
+                                                "perplexity_off", "perplexity_on")}))
+        return 0
+
+    return cli_errors(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
