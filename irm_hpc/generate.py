@@ -46,7 +46,7 @@ class GenerationError(IrmError, ValueError):
 @dataclass
 class LoadedRun:
     """A finished run, ready to generate: config, frozen model + tokenizer, IRM (eval mode, on the
-    model's device, fp32)."""
+    model's device, in the model's dtype)."""
 
     run_dir: Path
     cfg: DictConfig
@@ -87,9 +87,10 @@ def read_run_config(run_dir) -> DictConfig:
     return cfg
 
 
-def load_irm(run_dir, cfg: DictConfig, device: torch.device) -> IRM:
+def load_irm(run_dir, cfg: DictConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> IRM:
     """The trained IRM of ``run_dir`` from ``irm.safetensors`` (layers and hidden size from its metadata,
-    width/depth from ``cfg.irm``). Raises ``GenerationError`` if the file is missing or does not match."""
+    width/depth from ``cfg.irm``) in ``dtype`` on ``device``. Raises ``GenerationError`` if the file is
+    missing or does not match."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -109,7 +110,7 @@ def load_irm(run_dir, cfg: DictConfig, device: torch.device) -> IRM:
         msg = " ".join(str(exc).split())[:160]
         raise GenerationError(f"cannot load IRM weights {path} ({type(exc).__name__}: {msg}); re-run the training "
                               "task to rewrite it") from None
-    return irm.to(device).eval().requires_grad_(False)
+    return irm.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def load_run(run_dir, device: Optional[torch.device] = None) -> LoadedRun:
@@ -123,7 +124,10 @@ def load_run(run_dir, device: Optional[torch.device] = None) -> LoadedRun:
     cfg = read_run_config(run_dir)
     torch.manual_seed(int(cfg.seed))  # as Trainer does before load_model
     lm, tokenizer = load_model(cfg.model, device)
-    irm = load_irm(run_dir, cfg, next(lm.parameters()).device)
+    param = next(lm.parameters())
+    # in the model's dtype, as training runs it (DeepSpeed bf16 keeps bf16 IRM weights; the fp32 file
+    # holds them exactly); fp32 on CPU
+    irm = load_irm(run_dir, cfg, param.device, param.dtype)
     if irm.hidden_size != lm.config.hidden_size:
         raise GenerationError(f"{RunDir(run_dir).weights} has hidden size {irm.hidden_size} but model "
                               f"'{cfg.model.name}' has {lm.config.hidden_size}; the run dir is inconsistent")

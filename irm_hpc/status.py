@@ -157,7 +157,8 @@ def follow(manifest: Manifest, finished: Callable[[], bool], interval_s: float =
 
 def result_lines(manifest: Manifest, rows: list[TaskRow], top: int = 3) -> list[str]:
     """The short result of a finished sweep: failed tasks, the report path, the top consensus indices
-    (hidden-size index, share of runs where it is a significant striation) from ``summary.json``."""
+    (hidden-size index, share of runs where it is a significant striation) and, with the evaluation
+    stage, the judged alignment rate off -> on per alignment, from ``summary.json``."""
     sweep = SweepDir(manifest.sweep_dir)
     failed = [r.task_id for r in rows if not r.done]
     lines = [f"tasks: {len(rows) - len(failed)}/{len(rows)} finished, {len(failed)} failed"
@@ -175,6 +176,13 @@ def result_lines(manifest: Manifest, rows: list[TaskRow], top: int = 3) -> list[
             f"{c['index']} ({c.get('n_runs_significant', '?')}/{n_runs} runs)" for c in best))
     else:
         lines.append(f"consensus striation indices: none in {n_runs} runs")
+    ev = summary.get("evaluation") or {}
+    if ev.get("available"):
+        crit = ev.get("criterion") or {}
+        per = ev.get("per_alignment") or {}
+        lines.append(f"judged alignment (IRM on - off, 95% CI above 0): {crit.get('n_ci_above_zero')}/"
+                     f"{crit.get('n_alignments')} alignments; " + ", ".join(
+                         f"{a} {e['rate_off']:.2f}->{e['rate_on']:.2f}" for a, e in sorted(per.items())))
     lines.append(f"report: {sweep.report}")
     return lines
 

@@ -30,22 +30,28 @@ def _ts(s: str) -> datetime:
     return datetime.fromisoformat(s)
 
 
-def test_smoke_sweep_array_then_analysis(tmp_path):
-    sweep = _launch(tmp_path)
+def test_smoke_sweep_array_then_evaluation_then_analysis(tmp_path):
+    sweep = _launch(tmp_path, "sweep.evaluation.enabled=true", "sweep.evaluation.runs_per_task=2")
     m = load_manifest(sweep)
     assert len(m.tasks) == 4 and len({t.job_id.split("_")[0] for t in m.tasks}) == 1, "one job array"
     ids = [m.train_job_ids[0], *m.analysis_job_ids]
     wait_for(lambda: queue_empty(ids), 600, "the smoke sweep and its analysis to leave the queue", poll_s=2)
     rows = sacct_final(ids)
+    eval_id, map_id, reduce_id = m.analysis_job_ids
     train = {k: v for k, v in rows.items() if k.startswith(m.train_job_ids[0] + "_")}
-    maps = {k: v for k, v in rows.items() if k.startswith(m.analysis_job_ids[0] + "_")}
-    reduce_row = rows[m.analysis_job_ids[1]]
+    evals = {k: v for k, v in rows.items() if k.startswith(eval_id + "_")}
+    maps = {k: v for k, v in rows.items() if k.startswith(map_id + "_")}
+    reduce_row = rows[reduce_id]
     assert len(train) == 4 and all(v["State"] == "COMPLETED" for v in train.values()), train
+    assert len(evals) == 2 and all(v["State"] == "COMPLETED" for v in evals.values()), evals  # 2 runs per task
     assert len(maps) == 4 and all(v["State"] == "COMPLETED" for v in maps.values()), maps
     assert reduce_row["State"] == "COMPLETED", reduce_row
     last_train_end = max(_ts(v["End"]) for v in train.values())
-    assert min(_ts(v["Start"]) for v in maps.values()) >= last_train_end, "map started before the array ended"
+    assert min(_ts(v["Start"]) for v in evals.values()) >= last_train_end, "evaluation started before training ended"
+    assert min(_ts(v["Start"]) for v in maps.values()) >= max(_ts(v["End"]) for v in evals.values())
     assert _ts(reduce_row["Start"]) >= max(_ts(v["End"]) for v in maps.values())
+    ev = json.loads((sweep / "analysis" / "summary.json").read_text())["evaluation"]
+    assert ev["available"] and ev["n_runs_evaluated"] == 4 and sorted(ev["per_alignment"]) == ["anger", "joy"]
     for task in m.tasks:
         out = m.task_dir(task)
         assert (out / "DONE").is_file() and (out / "irm.safetensors").is_file()

@@ -8,6 +8,8 @@ an uninterrupted run of the same seed and an HDF5 stream holding each recorded s
 
 from __future__ import annotations
 
+import json
+
 import os
 import re
 import signal
@@ -108,11 +110,12 @@ def _reference(tmp_path: Path, task) -> Path:
 
 def test_cancel_kill_status_and_concurrent_resume(tmp_path):
     code = launch.main(["--sweep", "smoke", "--cluster", "slurm", f"runs_root={tmp_path}", "--name", "sw",
-                        "cluster.array_parallelism=1", *TRAIN])
+                        "cluster.array_parallelism=1", "sweep.evaluation.enabled=true", *TRAIN])
     assert code == 0
     sweep = tmp_path / "sw"
     m = load_manifest(sweep)
     t0, t1, t2, t3 = m.tasks
+    first_eval = m.analysis_job_ids[0]
 
     _interrupt_mid_training(m, t0, lambda jid: subprocess.run(["scancel", jid], check=True))
     _interrupt_mid_training(m, t1, _kill9)
@@ -149,6 +152,18 @@ def test_cancel_kill_status_and_concurrent_resume(tmp_path):
     assert sorted(submitted.values()) == [1, 1] and len({j.split("_")[0] for j in submitted}) == 1, submitted
     wait_for(lambda: set(_states(m).values()) == {"COMPLETED"}, 60, "status to show every task COMPLETED")
     assert (sweep / "analysis" / "summary.json").is_file()
+    # the evaluation array was re-chained after the resumed array (the first one, pending, was cancelled)
+    eval_id = m.analysis_job_ids[0]
+    assert len(m.analysis_job_ids) == 3 and eval_id != first_eval
+    rows = sacct_final([m.train_job_ids[1], eval_id, first_eval])
+    evals = {k: v for k, v in rows.items() if k.startswith(eval_id + "_")}
+    resumed = {k: v for k, v in rows.items() if k.startswith(m.train_job_ids[1] + "_")}
+    assert len(evals) == 4 and all(v["State"] == "COMPLETED" for v in evals.values()), evals
+    assert min(datetime.fromisoformat(v["Start"]) for v in evals.values()) >= \
+        max(datetime.fromisoformat(v["End"]) for v in resumed.values())
+    assert all(v["State"] == "CANCELLED" for k, v in rows.items() if k.split("_")[0] == first_eval), rows
+    ev = json.loads((sweep / "analysis" / "summary.json").read_text())["evaluation"]
+    assert ev["available"] and ev["n_runs_evaluated"] == 4 and not ev["missing"]
 
     for task in (t0, t1):
         out = m.task_dir(task)
