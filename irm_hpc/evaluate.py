@@ -1,6 +1,6 @@
 """Evaluation stage (steer and judge): ``python -m irm_hpc.evaluate RUN_DIR [RUN_DIR ...] [key=value ...]``.
 
-For one finished run: generate continuations of a fixed prompt set (``irm_hpc/datasets/prompts/
+For one finished run: generate continuations of a fixed prompt set (``irm_hpc/prompts/
 neutral_openings.txt``, 24 neutral conversation openings) with the IRM at each of ``scales`` (0 = off),
 judge them with the GoEmotions emotion classifier (``irm_hpc.judge``), and measure fluency:
 
@@ -272,11 +272,12 @@ def _condition(samples: list[Sample], probs: np.ndarray, labels: list[str], alig
 
 
 def evaluate_run(run_dir, params: Optional[EvalParams] = None, *, force: bool = False,
-                 device: Optional[torch.device] = None) -> dict:
+                 device: Optional[torch.device] = None, models: Optional[dict] = None) -> dict:
     """Evaluate one finished run (see module docstring); returns its summary dict and writes
     ``<run_dir>/evaluation/summary.json`` and ``generations.jsonl``.
 
     Skips the work and returns the stored summary if its fingerprint matches (unless ``force``).
+    ``models``: a cache of loaded base models shared by the runs of one task (``generate.load_run``).
     Raises ``GenerationError`` (not a finished run), ``EvaluationError``, ``DataError`` (the judge's
     splits cannot be read), ``ModelLoadError``, ``ConfigError``.
     """
@@ -302,7 +303,7 @@ def evaluate_run(run_dir, params: Optional[EvalParams] = None, *, force: bool = 
         except (OSError, ValueError):
             pass
     t0 = time.perf_counter()
-    run = load_run(run_path.root, device)
+    run = load_run(run_path.root, device, models)
     t_load = time.perf_counter() - t0
     judge, judge_metrics = load_judge(run.cfg.data, train_split=params.judge_train_split,
                                       test_split=params.judge_test_split)
@@ -377,13 +378,14 @@ def evaluate_runs(run_dirs: Sequence[str], params: EvalParams) -> list[Optional[
     from irm_hpc.generate import GenerationError
 
     out: list[Optional[str]] = []
+    models: dict = {}  # one frozen base model for all runs of this task
     for d in run_dirs:
         if not RunDir(d).is_done():
             print(f"skipped {d}: training did not finish (no DONE)")
             out.append(None)
             continue
         try:
-            s = evaluate_run(d, params)
+            s = evaluate_run(d, params, models=models)
             print(f"evaluated {d}: rate off {s['rate_off']:.3f} on {s['rate_on']:.3f} "
                   f"diff {s['rate_diff']:+.3f} CI [{s['rate_diff_ci'][0]:+.3f}, {s['rate_diff_ci'][1]:+.3f}]")
             out.append(str(RunDir(d).evaluation_summary))
@@ -416,8 +418,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             except yaml.YAMLError:
                 raise ConfigError(f"cannot parse {item!r}; use key=value (lists as [0,1,2])") from None
         params = EvalParams.from_config(section)
+        models: dict = {}
         for d in dirs:
-            s = evaluate_run(d, params, force=force)
+            s = evaluate_run(d, params, force=force, models=models)
             print(json.dumps({k: s[k] for k in ("run", "alignment", "rate_off", "rate_on", "rate_diff", "rate_diff_ci",
                                                 "perplexity_off", "perplexity_on")}))
         return 0

@@ -113,17 +113,27 @@ def load_irm(run_dir, cfg: DictConfig, device: torch.device, dtype: torch.dtype 
     return irm.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def load_run(run_dir, device: Optional[torch.device] = None) -> LoadedRun:
+def load_run(run_dir, device: Optional[torch.device] = None, models: Optional[dict] = None) -> LoadedRun:
     """Load a finished run for generation: config, model (as in training: a random-init model gets the
-    same weights), tokenizer and IRM. ``device``: default CUDA when available, else CPU.
+    same weights), tokenizer and IRM. ``device``: default CUDA when available, else CPU. ``models``: a
+    dict that keeps loaded frozen models by their ``model`` config (and device), so the runs of one
+    evaluation task share one copy (the base model is frozen: hooks are removed after every use).
 
     Raises ``GenerationError`` (bad run dir, missing or mismatched weights) or ``ModelLoadError``.
     """
+    from omegaconf import OmegaConf
+
     from irm_hpc.models import load_model
 
     cfg = read_run_config(run_dir)
-    torch.manual_seed(int(cfg.seed))  # as Trainer does before load_model
-    lm, tokenizer = load_model(cfg.model, device)
+    key = json.dumps([OmegaConf.to_container(cfg.model), str(device)], sort_keys=True)
+    if models is not None and key in models:
+        lm, tokenizer = models[key]
+    else:
+        torch.manual_seed(int(cfg.seed))  # as Trainer does before load_model (random-init models use a fixed seed)
+        lm, tokenizer = load_model(cfg.model, device)
+        if models is not None:
+            models[key] = (lm, tokenizer)
     param = next(lm.parameters())
     # in the model's dtype, as training runs it (DeepSpeed bf16 keeps bf16 IRM weights; the fp32 file
     # holds them exactly); fp32 on CPU
@@ -284,8 +294,8 @@ def read_prompts(path) -> list[str]:
 
 
 def default_prompts() -> list[str]:
-    """The evaluation stage's fixed prompt set (``irm_hpc/datasets/prompts/neutral_openings.txt``)."""
-    return read_prompts(Path(__file__).parent / "datasets" / "prompts" / "neutral_openings.txt")
+    """The evaluation stage's fixed prompt set (``irm_hpc/prompts/neutral_openings.txt``)."""
+    return read_prompts(Path(__file__).parent / "prompts" / "neutral_openings.txt")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -83,7 +83,7 @@ def test_expand_tasks_names_and_overrides():
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--sweep", "nope"], "unknown sweep 'nope'; presets: demo, full, paper_layers, smoke"),
+        (["--sweep", "nope"], "unknown sweep 'nope'; presets: aligned, demo, full, paper_layers, smoke"),
         (["--sweep", "smoke", "--cluster", "mars"], "unknown cluster 'mars'"),
         (["--sweep", "smoke", "trian.lr=1"], "config 'train': unknown key 'trian.lr' (did you mean train.lr"),
         (["--sweep", "smoke", "cluster.mem=1"], "unknown key 'cluster.mem' (did you mean cluster.mem_gb"),

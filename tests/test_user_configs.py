@@ -117,9 +117,9 @@ def test_user_presets_via_env_var_in_dry_run(capsys, user_dir, fake_sbatch, tmp_
 def test_user_presets_are_listed_everywhere(capsys, user_dir, monkeypatch):
     monkeypatch.setenv(CONFIG_PATH_ENV, str(user_dir))
     assert presets("cluster") == ["auto", "debug", "local", "mycluster", "slurm", "slurm_gpu"]
-    assert presets("sweep") == ["demo", "full", "mysweep", "paper_layers", "smoke"]
+    assert presets("sweep") == ["aligned", "demo", "full", "mysweep", "paper_layers", "smoke"]
     assert launch.main(["--sweep", "nope"]) == 2
-    assert "presets: demo, full, mysweep, paper_layers, smoke" in capsys.readouterr().err
+    assert "presets: aligned, demo, full, mysweep, paper_layers, smoke" in capsys.readouterr().err
     assert launch.main(["--sweep", "smoke", "cluster=mars"]) == 2  # the hydra path: config._explain
     assert "valid cluster presets: auto, debug, local, mycluster, slurm, slurm_gpu" in capsys.readouterr().err
 
