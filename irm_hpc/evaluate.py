@@ -87,7 +87,7 @@ class EvalParams:
         return params
 
     def check(self) -> None:
-        """Raises ``ConfigError`` naming the bad value."""
+        """Raises ``ConfigError`` naming the bad value (also a missing or empty prompts file)."""
         self.scales = [float(s) for s in self.scales]
         if 0.0 not in self.scales or 1.0 not in self.scales:
             raise ConfigError(f"evaluation.scales {self.scales} must contain 0 (IRM off) and 1 (as trained)")
@@ -96,6 +96,8 @@ class EvalParams:
         if self.max_prompts is not None and self.max_prompts < 2:
             raise ConfigError("evaluation.max_prompts must be >= 2 (the bootstrap resamples prompts)")
         self.sampling().check()
+        if len(self.prompt_list()) < 2:  # also: a missing prompts file fails here, at launch
+            raise ConfigError("evaluation needs at least 2 prompts (the bootstrap resamples prompts)")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.n_samples, self.max_new_tokens, self.temperature, self.top_p, self.seed,

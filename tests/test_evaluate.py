@@ -129,3 +129,49 @@ def test_evaluate_run_summary_generations_and_fingerprint(tiny_run):
     again = evaluate_run(tiny_run, params)
     assert again["fingerprint"] == s["fingerprint"]
     assert (tiny_run / "evaluation" / "generations.jsonl").stat().st_mtime_ns == before, "re-evaluated"
+
+
+def _fake_eval(run_dir, alignment, on_hits, off_hits, n=4):
+    cond = lambda hits: {"n": n * len(hits), "alignment_rate": sum(hits) / (n * len(hits)), "mean_prob": 0.1,
+                         "label_counts": {}, "perplexity": 10.0, "nll_per_token": float(np.log(10.0)), "tokens": 100,
+                         "mean_new_tokens": 5.0, "distinct2": 0.5, "per_prompt_hits": hits,
+                         "per_prompt_n": [n] * len(hits)}
+    s = {"schema": "irm_hpc.evaluation/1", "alignment": alignment, "seed": 0, "run": run_dir.name,
+         "conditions": {"scale=0": cond(off_hits), "scale=1": cond(on_hits)}, "rate_off": 0, "rate_on": 0,
+         "rate_diff": 0, "rate_diff_ci": [0, 0], "perplexity_off": 10.0, "perplexity_on": 10.0,
+         "judge": {"macro_f1": 0.5, "data_checksum": "x"}, "params": {"n_samples": n}, "prompts": ["a"] * len(on_hits)}
+    (run_dir / "evaluation").mkdir(parents=True)
+    (run_dir / "evaluation" / "summary.json").write_text(json.dumps(s))
+
+
+def test_reduce_pools_runs_per_alignment(tmp_path):
+    from irm_hpc.analysis.evaluation import collect
+
+    _fake_eval(tmp_path / "a0", "anger", [4, 4, 3, 4], [0, 1, 0, 0])
+    _fake_eval(tmp_path / "a1", "anger", [2, 3, 4, 4], [0, 0, 0, 1])
+    _fake_eval(tmp_path / "j0", "joy", [1, 0, 0, 0], [1, 0, 0, 0])
+    (tmp_path / "j1").mkdir()  # a run without an evaluation
+    names = ["a0", "a1", "j0", "j1"]
+    ev = collect({n: str(tmp_path / n) for n in names}, {}, [5], resamples=500, seed=0)
+    assert ev["available"] and ev["n_runs_evaluated"] == 3 and ev["missing"] == ["j1"]
+    a = ev["per_alignment"]["anger"]
+    assert a["n_runs"] == 2 and a["rate_on"] == pytest.approx(28 / 32) and a["rate_off"] == pytest.approx(2 / 32)
+    assert a["rate_diff"] == pytest.approx(26 / 32) and a["ci_above_zero"] and a["perplexity_on"] == pytest.approx(10.0)
+    j = ev["per_alignment"]["joy"]
+    assert j["rate_diff"] == 0 and not j["ci_above_zero"]
+    assert ev["criterion"]["n_ci_above_zero"] == 1 and ev["criterion"]["alignments_ci_above_zero"] == ["anger"]
+    assert collect({"x": str(tmp_path / "j1")}, {}, [])["available"] is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep.evaluation.scales=[1,2]", "must contain 0"),
+    ("sweep.evaluation.prompts=/nonexistent/prompts.txt", "cannot read prompts file"),
+    ("sweep.evaluation.n_samples=0", ">= 1"),
+    ("sweep.evaluation.chat_template=maybe", "chat_template"),
+    ("sweep.evaluation.nsamples=2", "nsamples"),
+])
+def test_launch_rejects_bad_evaluation_settings_before_submitting(tmp_path, override, message):
+    res = run_module("irm_hpc.launch", ["--sweep", "smoke", "--cluster", "local", f"runs_root={tmp_path}",
+                                        "sweep.evaluation.enabled=true", override], timeout=120)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-1500:]
+    assert len(res.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
