@@ -30,7 +30,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -51,17 +51,13 @@ class EvaluationError(IrmError, ValueError):
 
 
 @dataclass
-class EvalParams:
-    """The evaluation's parameters (``sweep.evaluation`` of a sweep, see ``config.EvaluationConfig``)."""
+class EvalParams(SamplingParams):
+    """The evaluation's parameters (``sweep.evaluation`` of a sweep, see ``config.EvaluationConfig``): the
+    sampling parameters of :class:`~irm_hpc.generate.SamplingParams` plus the scales, prompts, baseline
+    and bootstrap settings and the judge's splits."""
 
-    scales: list[float] = field(default_factory=lambda: [0.0, 1.0])
     n_samples: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 0.95
-    seed: int = 0
-    batch_size: int = 24
-    chat_template: str = "auto"
+    scales: list[float] = field(default_factory=lambda: [0.0, 1.0])
     prompts: Optional[str] = None
     max_prompts: Optional[int] = None
     baseline: bool = True
@@ -95,13 +91,13 @@ class EvalParams:
             raise ConfigError(f"evaluation.bootstrap={self.bootstrap}: use at least 100 resamples")
         if self.max_prompts is not None and self.max_prompts < 2:
             raise ConfigError("evaluation.max_prompts must be >= 2 (the bootstrap resamples prompts)")
-        self.sampling().check()
+        super().check()
         if len(self.prompt_list()) < 2:  # also: a missing prompts file fails here, at launch
             raise ConfigError("evaluation needs at least 2 prompts (the bootstrap resamples prompts)")
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.n_samples, self.max_new_tokens, self.temperature, self.top_p, self.seed,
-                              self.batch_size, self.chat_template)
+        """The sampling parameters alone."""
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
 
     def prompt_list(self) -> list[str]:
         prompts = read_prompts(self.prompts) if self.prompts else default_prompts()

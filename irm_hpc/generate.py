@@ -193,14 +193,14 @@ class Sample:
 class SamplingParams:
     """How :func:`generate` samples: ``temperature`` 0 = greedy; ``top_p`` nucleus mass; ``max_new_tokens``
     tokens per continuation; ``n_samples`` continuations per prompt and scale; ``batch_size`` prompts per
-    ``generate`` call; ``seed`` seeds every call."""
+    ``generate`` call; ``seed`` seeds every call; ``chat_template`` auto | on | off."""
 
     n_samples: int = 1
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 0.95
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 24
     chat_template: str = "auto"
 
     def check(self) -> None:
@@ -307,12 +307,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="IRM scales (0 = off, 1 = as trained); default 0 1")
     parser.add_argument("--ablate", type=int, nargs="+", default=[], metavar="I",
                         help="hidden indices zeroed in every injection vector")
-    parser.add_argument("--n-samples", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--n-samples", type=int, default=SamplingParams.n_samples)
+    parser.add_argument("--max-new-tokens", type=int, default=SamplingParams.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
+    parser.add_argument("--batch-size", type=int, default=SamplingParams.batch_size, help="prompts per generate() call")
     parser.add_argument("--chat-template", default="auto", choices=CHAT_TEMPLATE_MODES)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", metavar="FILE", help="write JSONL here (default stdout); never overwritten")
