@@ -132,14 +132,15 @@ def continuation_nll(lm, samples: Sequence[Sample], pad_id: int, batch_size: int
                     use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tgt = labels[:, 1:].to(device)
-        tok = -logp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0] * (tgt != -100)
+        picked = logp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
+        tok = torch.where(tgt != -100, -picked, torch.zeros_like(picked))  # no NaN from a -inf logit at padding
         nll[idx] = tok.sum(1).double().cpu().numpy()
         count[idx] = (tgt != -100).sum(1).cpu().numpy()
     return nll, count
 
 
-def bootstrap_diff(hits_on: np.ndarray, hits_off: np.ndarray, n: np.ndarray, resamples: int, seed: int,
-                   clusters: Optional[np.ndarray] = None) -> tuple[float, list[float]]:
+def bootstrap_diff(hits_on: np.ndarray, hits_off: np.ndarray, n: np.ndarray, resamples: int,
+                   seed: int) -> tuple[float, list[float]]:
     """Rate difference sum(on)/sum(n) - sum(off)/sum(n) and its 95 % percentile bootstrap CI.
 
     ``hits_on``/``hits_off``/``n``: per-prompt counts (P,), paired (same prompts and samples). Resampling
@@ -161,7 +162,8 @@ def bootstrap_diff(hits_on: np.ndarray, hits_off: np.ndarray, n: np.ndarray, res
 def mean_residuals(lm, seqs: Sequence[Sequence[int]], layers: Sequence[int], pad_id: int,
                    batch_size: int = 16) -> torch.Tensor:
     """Mean residual stream right after the attention block of each of ``layers`` (the injection
-    sites), over all non-padding tokens of ``seqs``. Returns (n_layers, hidden) float64 on CPU.
+    sites), over the non-padding tokens of ``seqs`` except each text's first token (the attention sink,
+    whose massive activations would weigh by text length). Returns (n_layers, hidden) float64 on CPU.
     Hooks are removed on exit (also on error)."""
     from irm_hpc.data import collate
 
@@ -189,8 +191,10 @@ def mean_residuals(lm, seqs: Sequence[Sequence[int]], layers: Sequence[int], pad
             handles.append(injection_site(blocks[layer_idx]).register_forward_hook(post(k)))
         for start in range(0, len(seqs), batch_size):
             b = collate(list(seqs[start:start + batch_size]), pad_id)
-            state["mask"] = b["attention_mask"].to(device).double()
-            state["count"] += int(b["attention_mask"].sum())
+            keep = b["attention_mask"].clone()
+            keep[:, 0] = 0  # right-padded: position 0 is each text's first token
+            state["mask"] = keep.to(device).double()
+            state["count"] += int(keep.sum())
             lm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
     finally:
         for h in handles:
@@ -224,20 +228,26 @@ def contrastive_vectors(run: LoadedRun, n_texts: int, seed: int) -> tuple[torch.
 
 
 @torch.no_grad()
-def injection_norms(run: LoadedRun, prompts: Sequence[str], chat: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The IRM's injections at scale 1 on the prompts (prefill, non-padding tokens): mean L2 norm per
-    injection layer (n_layers,) and the per-index profile mean |v| over layers and tokens (hidden,)."""
+def injection_norms(run: LoadedRun, prompts: Sequence[str], chat: bool, batch_size: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """The IRM's injections at scale 1 on the prompts (prefill; non-padding tokens except each prompt's
+    first, the attention sink): mean L2 norm per injection layer (n_layers,) and the per-index profile,
+    mean |v| over layers and tokens (hidden,)."""
     from irm_hpc.generate import left_pad
 
-    ids, mask = left_pad(encode_prompts(run.tokenizer, prompts, chat), run.tokenizer.pad_token_id, run.device)
-    with inject(run.lm, run.irm, keep_injections=True) as inj:
-        run.lm(input_ids=ids, attention_mask=mask, use_cache=False)
-        v = inj.last_injection.float()  # (batch, seq, n_layers, hidden)
-    m = mask.float()[..., None]
-    tokens = m.sum()
-    norms = (v.norm(dim=-1) * m).sum((0, 1)) / tokens
-    profile = (v.abs().mean(2) * m).sum((0, 1)) / tokens
-    return norms.cpu().numpy().astype(np.float64), profile.cpu().numpy().astype(np.float64)
+    encoded = encode_prompts(run.tokenizer, prompts, chat)
+    norm_sum, prof_sum, tokens = 0.0, 0.0, 0.0
+    for start in range(0, len(encoded), batch_size):
+        ids, mask = left_pad(encoded[start:start + batch_size], run.tokenizer.pad_token_id, run.device)
+        with inject(run.lm, run.irm, keep_injections=True) as inj:
+            run.lm(input_ids=ids, attention_mask=mask, use_cache=False)
+            v = inj.last_injection.float()  # (batch, seq, n_layers, hidden)
+        keep = mask.clone()
+        keep[torch.arange(len(keep)), keep.argmax(1)] = 0  # left-padded: the first real token
+        m = keep.float()[..., None]
+        norm_sum = norm_sum + (v.norm(dim=-1) * m).sum((0, 1))
+        prof_sum = prof_sum + (v.abs().mean(2) * m).sum((0, 1))
+        tokens += float(m.sum())
+    return (norm_sum / tokens).cpu().numpy().astype(np.float64), (prof_sum / tokens).cpu().numpy().astype(np.float64)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -315,7 +325,7 @@ def evaluate_run(run_dir, params: Optional[EvalParams] = None, *, force: bool = 
     conditions: dict[str, list[Sample]] = {}
     for s in samples:
         conditions.setdefault(f"scale={s.scale:g}", []).append(s)
-    norms, irm_profile = injection_norms(run, prompts, chat)
+    norms, irm_profile = injection_norms(run, prompts, chat, sp.batch_size)
     baseline_info: dict = {}
     if params.baseline:
         raw, info = contrastive_vectors(run, params.baseline_texts, params.seed)
@@ -389,6 +399,9 @@ def evaluate_runs(run_dirs: Sequence[str], params: EvalParams) -> list[Optional[
             out.append(str(RunDir(d).evaluation_summary))
         except (GenerationError, EvaluationError, IrmError) as exc:
             print(f"skipped {d}: {one_line(exc)}")
+            out.append(None)
+        except Exception as exc:  # noqa: BLE001 - one run (e.g. CUDA out of memory) must not stop the others
+            print(f"skipped {d}: {one_line(exc, with_type=True)}")
             out.append(None)
     return out
 

@@ -165,12 +165,24 @@ def query_slurm(array_ids: list[str]) -> tuple[dict[str, JobInfo], str]:
     return states, note
 
 
-def map_chunks(run_dirs: list[str], runs_per_task: int) -> list[list[str]]:
-    """Split the sweep's run directories into consecutive chunks of ``runs_per_task`` (one map-array
-    task each, so hundreds of small runs do not become hundreds of scheduler jobs). Raises
-    ``LaunchError`` if ``runs_per_task`` < 1."""
+def live_arrays(array_ids: list[str]) -> list[str]:
+    """Those of ``array_ids`` that still have a task in Slurm's queue (``squeue -j``; [] if it fails). A
+    resume's evaluation and analysis must wait for them as well as for the new array: sbatch refuses a
+    dependency on a job id the controller no longer knows, so ended arrays are left out."""
+    if not array_ids:
+        return []
+    out = _run(["squeue", "-h", "-j", ",".join(sorted(set(array_ids))), "-o", "%F"])
+    live = {line.strip() for line in (out or "").splitlines() if line.strip()}
+    return [a for a in array_ids if a in live]
+
+
+def map_chunks(run_dirs: list[str], runs_per_task: int,
+               what: str = "cluster.analysis_runs_per_task") -> list[list[str]]:
+    """Split the sweep's run directories into consecutive chunks of ``runs_per_task`` (one map-array or
+    evaluation-array task each, so hundreds of small runs do not become hundreds of scheduler jobs).
+    Raises ``LaunchError`` naming ``what`` if ``runs_per_task`` < 1."""
     if runs_per_task < 1:
-        raise LaunchError(f"cluster.analysis_runs_per_task must be >= 1, got {runs_per_task}")
+        raise LaunchError(f"{what} must be >= 1, got {runs_per_task}")
     return [run_dirs[i:i + runs_per_task] for i in range(0, len(run_dirs), runs_per_task)]
 
 
@@ -313,8 +325,10 @@ class SlurmSweepExecutor(SweepExecutor):
         manifest.train_job_ids.append(array_id)
         manifest.save()  # the array is out: record it before anything else can fail
         ids = {"train": array_id}
-        after = array_id
-        eval_id = self._submit_evaluation(manifest, f"afterany:{array_id}")
+        # a resume: tasks of earlier arrays may still run; the evaluation and analysis wait for them too
+        waits = ":".join([array_id, *live_arrays(manifest.train_job_ids[:-1])])
+        after = waits
+        eval_id = self._submit_evaluation(manifest, f"afterany:{waits}")
         if eval_id:
             ids["eval"] = after = eval_id
         map_id, reduce_job = self._submit_analysis(manifest, f"afterany:{after}")
@@ -328,11 +342,16 @@ class SlurmSweepExecutor(SweepExecutor):
         if not section.get("enabled"):
             return None
         sweep = SweepDir(manifest.sweep_dir)
-        chunks = map_chunks([str(manifest.task_dir(t)) for t in manifest.tasks], int(section.get("runs_per_task", 1)))
+        chunks = map_chunks([str(manifest.task_dir(t)) for t in manifest.tasks], int(section.get("runs_per_task", 1)),
+                            "sweep.evaluation.runs_per_task")
         ex = self._executor(sweep.evaluation_logs, f"irm-eval-{manifest.sweep}", len(chunks), dependency,
                             evaluation=True)
-        with ex.batch():
-            jobs = [ex.submit(EvaluateTask(chunk, section)) for chunk in chunks]
+        try:
+            with ex.batch():
+                jobs = [ex.submit(EvaluateTask(chunk, section)) for chunk in chunks]
+        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
+            raise LaunchError(f"Slurm rejected the evaluation array: {one_line(exc)}; the training array "
+                              f"{manifest.train_job_ids[-1]} is submitted: fix the cause, then --resume") from None
         return jobs[0].job_id.split("_")[0]
 
     def _submit_analysis(self, manifest: Manifest, dependency: str) -> tuple[str, submitit.Job]:

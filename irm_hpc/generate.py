@@ -11,8 +11,9 @@ one user message rendered with ``apply_chat_template(add_generation_prompt=True)
 adds its default system message), and the continuation is the assistant's reply; ``--chat-template off``
 feeds the raw prompt text instead (then the continuation continues the prompt). Sampling: ``top_k`` is
 disabled (HF's default 50 is not applied), so ``--temperature`` and ``--top-p`` alone shape it;
-``--temperature 0`` is greedy decoding. Every (scale, batch of prompts) call is seeded with ``--seed``,
-so the IRM-off and IRM-on samples of a prompt share their random stream.
+``--temperature 0`` is greedy decoding. Every (scale, batch of prompts) call is seeded with ``--seed``
+plus the batch's first prompt index, so the IRM-off and IRM-on samples of a prompt share their random
+stream (and different batches do not).
 
 Output: one JSON object per sample (JSONL), on stdout or ``--out FILE``: ``run``, ``alignment``,
 ``prompt``, ``text``, ``scale``, ``sample``, ``seed``, ``temperature``, ``top_p``, ``max_new_tokens``,
@@ -70,7 +71,9 @@ class LoadedRun:
 
 def read_run_config(run_dir) -> DictConfig:
     """The resolved training config of ``run_dir`` (``config.yaml``, read as data: no interpolation is
-    resolved). Raises ``GenerationError`` for a missing directory or config, or unreadable YAML."""
+    resolved). Raises ``GenerationError`` for a missing directory or config, or unreadable YAML, and
+    ``UnsafePathError`` when the config asks for ``model.trust_remote_code`` (code from the model's
+    directory runs as you) but the run dir or its config can be changed by another user."""
     run = RunDir(run_dir)
     if not run.root.is_dir():
         raise GenerationError(f"run directory not found: {run.root}; pass a run dir (runs/<sweep>/runs/<task>)")
@@ -84,6 +87,11 @@ def read_run_config(run_dir) -> DictConfig:
     for key in ("model", "irm", "alignment", "seed"):
         if key not in cfg:
             raise GenerationError(f"{run.config} has no '{key}' key: not a training config; restore it from the run")
+    if cfg.model.get("trust_remote_code"):
+        from irm_hpc.layout import check_private
+
+        check_private(run.root)
+        check_private(run.config)
     return cfg
 
 
@@ -240,9 +248,14 @@ def generate(lm, tokenizer, injector_source: Optional[torch.nn.Module], prompts:
     encoded = encode_prompts(tokenizer, prompts, chat)
     device = next(lm.parameters()).device
     pad = tokenizer.pad_token_id
-    stop = {t for t in (tokenizer.eos_token_id, pad) if t is not None}
+    gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    gen_eos = gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    stop = {t for t in (tokenizer.eos_token_id, pad, *gen_eos) if t is not None}
+    # greedy decoding gives one continuation per prompt (HF refuses num_return_sequences > 1 without
+    # sampling): it is repeated n_samples times
+    per_call = params.n_samples if params.temperature > 0 else 1
     sample_kw = dict(do_sample=params.temperature > 0, max_new_tokens=params.max_new_tokens, pad_token_id=pad,
-                     num_return_sequences=params.n_samples, top_k=0)
+                     num_return_sequences=per_call, top_k=0)
     if params.temperature > 0:
         sample_kw.update(temperature=params.temperature, top_p=params.top_p)
     else:
@@ -252,13 +265,15 @@ def generate(lm, tokenizer, injector_source: Optional[torch.nn.Module], prompts:
         for start in range(0, len(prompts), params.batch_size):
             chunk = list(range(start, min(start + params.batch_size, len(prompts))))
             ids, mask = left_pad([encoded[i] for i in chunk], pad, device)
-            torch.manual_seed(params.seed)
+            torch.manual_seed(params.seed + start)  # per batch of prompts; the same for every scale
             if scale == 0 or injector_source is None:
                 gen = lm.generate(input_ids=ids, attention_mask=mask, **sample_kw)
             else:
                 with inject(lm, injector_source, keep_injections=False, scale=float(scale), ablate=ablate):
                     gen = lm.generate(input_ids=ids, attention_mask=mask, **sample_kw)
             new = gen[:, ids.shape[1]:].tolist()
+            if per_call == 1 and params.n_samples > 1:
+                new = [seq for seq in new for _ in range(params.n_samples)]
             for row, seq in enumerate(new):
                 p = chunk[row // params.n_samples]
                 kept = _trim(seq, stop)

@@ -81,7 +81,7 @@ class EvaluateTask:
     def __call__(self) -> list[Optional[str]]:
         from irm_hpc.evaluate import EvalParams, evaluate_runs
 
-        return evaluate_runs(self.run_dirs, EvalParams.from_config(self.section))
+        return evaluate_runs(self.run_dirs, EvalParams.from_config(self.section))  # checked at launch already
 
 
 class AnalysisMapTask:
@@ -161,7 +161,10 @@ class LocalSweep:
                 print(f"task {task.task_id} failed: {one_line(exc)} (log: {job.paths.stderr})")
         section = evaluation_section(manifest)
         if section.get("enabled"):
-            EvaluateTask([str(manifest.task_dir(t)) for t in manifest.tasks], section)()
+            try:
+                EvaluateTask([str(manifest.task_dir(t)) for t in manifest.tasks], section)()
+            except Exception as exc:  # noqa: BLE001 - the analysis runs without the evaluation then
+                print(f"evaluation failed: {one_line(exc, with_type=True)}")
         params = analysis_params(manifest)
         AnalysisMapTask([str(manifest.task_dir(t)) for t in manifest.tasks], str(sweep.analysis), params)()
         return AnalysisReduceTask(str(sweep.analysis), params)()

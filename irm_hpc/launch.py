@@ -132,8 +132,10 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> Optional[tuple[Man
     if cfg.sweep.evaluation.enabled:
         from irm_hpc.evaluate import EvalParams
 
+        if cfg.sweep.evaluation.prompts:  # the jobs (and a later resume) may run elsewhere
+            cfg.sweep.evaluation.prompts = str(Path(cfg.sweep.evaluation.prompts).expanduser().resolve())
         EvalParams.from_config(cfg.sweep.evaluation)
-        map_chunks([t.task_id for t in tasks], int(cfg.sweep.evaluation.runs_per_task))
+        map_chunks([t.task_id for t in tasks], int(cfg.sweep.evaluation.runs_per_task), "sweep.evaluation.runs_per_task")
     if args.dry_run:
         print_plan(cfg, tasks, kind)
         folder = SweepDir(Path(cfg.runs_root).resolve() / f"{cfg.sweep.name}-<timestamp>").train_logs

@@ -43,15 +43,20 @@ def tiny_lm():
 
 def test_continuation_nll_matches_hf_loss(tiny_lm):
     lm, tok = tiny_lm
-    p, c = tok("hello ")["input_ids"], tok("world!", add_special_tokens=False)["input_ids"]
-    s = [Sample("hello ", 1.0, 0, "world!", p, c), Sample("x", 1.0, 0, "", tok("x")["input_ids"], [])]
-    nll, count = continuation_nll(lm, s, tok.pad_token_id)
-    ids = torch.tensor([p + c])
-    labels = ids.clone()
-    labels[0, : len(p)] = -100
-    with torch.no_grad():
-        ref = lm(input_ids=ids, labels=labels).loss.item() * len(c)
-    assert count.tolist() == [len(c), 0] and nll[0] == pytest.approx(ref, rel=1e-5) and nll[1] == 0
+    pairs = [("hello ", "world!"), ("a much longer prompt here, ", "ok"), ("x", "")]
+    samples = []
+    for p, c in pairs:
+        pi, ci = tok(p)["input_ids"], tok(c, add_special_tokens=False)["input_ids"] if c else []
+        samples.append(Sample(p, 1.0, 0, c, pi, ci))
+    nll, count = continuation_nll(lm, samples, tok.pad_token_id)  # one right-padded batch of mixed lengths
+    for k, s in enumerate(samples[:2]):
+        ids = torch.tensor([s.prompt_ids + s.new_ids])
+        labels = ids.clone()
+        labels[0, : len(s.prompt_ids)] = -100
+        with torch.no_grad():
+            ref = lm(input_ids=ids, labels=labels).loss.item() * len(s.new_ids)
+        assert count[k] == len(s.new_ids) and nll[k] == pytest.approx(ref, rel=1e-5)
+    assert count[2] == 0 and nll[2] == 0
 
 
 def test_mean_residuals_is_the_residual_after_attention(tiny_lm):
@@ -74,7 +79,8 @@ def test_mean_residuals_is_the_residual_after_attention(tiny_lm):
         for h in hooks:
             h.remove()
     for j, k in enumerate((0, 2)):
-        resid = torch.cat([(x + y)[0] for x, y in zip(captured[("in", k)], captured[("attn", k)])]).double()
+        # every token but each text's first (the attention sink)
+        resid = torch.cat([(x + y)[0, 1:] for x, y in zip(captured[("in", k)], captured[("attn", k)])]).double()
         torch.testing.assert_close(got[j], resid.mean(0), rtol=1e-5, atol=1e-6)
 
 
@@ -91,7 +97,8 @@ SMALL = dict(n_samples=2, max_prompts=4, max_new_tokens=6, baseline_texts=16, bo
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A tiny-random-model run on the packaged GoEmotions data (whose test split trains the judge)."""
+    """A tiny-random-model run on the packaged GoEmotions data (the judge fits its train split and is
+    scored on its test split)."""
     d = tmp_path_factory.mktemp("ev")
     res = run_module("irm_hpc.train", ["model=tiny_random", "train=smoke", "data.max_length=24",
                                        "data.max_train_texts=200", "train.max_steps=3", f"out_dir={d / 'run'}"],

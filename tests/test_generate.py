@@ -31,7 +31,7 @@ PROMPTS = ["hello there", "the cat sat", "a", "what is the time now"]
 
 
 def _greedy(n=12):
-    return SamplingParams(n_samples=1, max_new_tokens=n, temperature=0.0, chat_template="off", batch_size=3)
+    return SamplingParams(n_samples=2, max_new_tokens=n, temperature=0.0, chat_template="off", batch_size=3)
 
 
 def test_greedy_scale0_equals_base_model_token_for_token(tiny):
@@ -39,7 +39,9 @@ def test_greedy_scale0_equals_base_model_token_for_token(tiny):
     samples = generate(lm, tok, irm, PROMPTS, [0.0, 1.0], _greedy())
     off = [s for s in samples if s.scale == 0.0]
     on = [s for s in samples if s.scale == 1.0]
-    assert [s.prompt for s in off] == PROMPTS and count_hooks(lm) == 0
+    # two (greedy, so equal) samples per prompt, in prompt order: each row maps to its own prompt
+    assert [s.prompt for s in off] == [p for p in PROMPTS for _ in range(2)] and count_hooks(lm) == 0
+    assert [s.sample for s in off] == [0, 1] * len(PROMPTS)
     for s in off:  # the base model alone, one prompt at a time (no padding), greedy
         ids = torch.tensor([s.prompt_ids])
         ref = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,

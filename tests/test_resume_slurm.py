@@ -161,7 +161,8 @@ def test_cancel_kill_status_and_concurrent_resume(tmp_path):
     assert len(evals) == 4 and all(v["State"] == "COMPLETED" for v in evals.values()), evals
     assert min(datetime.fromisoformat(v["Start"]) for v in evals.values()) >= \
         max(datetime.fromisoformat(v["End"]) for v in resumed.values())
-    assert all(v["State"] == "CANCELLED" for k, v in rows.items() if k.split("_")[0] == first_eval), rows
+    first = [v for k, v in rows.items() if k.split("_")[0] == first_eval]
+    assert first and all(v["State"] == "CANCELLED" for v in first), rows
     ev = json.loads((sweep / "analysis" / "summary.json").read_text())["evaluation"]
     assert ev["available"] and ev["n_runs_evaluated"] == 4 and not ev["missing"]
 

@@ -2,8 +2,10 @@
 ``evaluation``), the figure ``evaluation.png`` and the report section.
 
 Each analysed run's ``evaluation/summary.json`` (written by ``irm_hpc.evaluate``) is read from its run
-dir. Per alignment, the runs' per-prompt judge hits are pooled: the on - off rate difference and its 95 %
-percentile bootstrap CI resample (run, prompt) clusters; perplexities pool NLL over all tokens
+dir. Per alignment, the runs' per-prompt judge hits are summed per prompt: the on - off rate difference
+and its 95 % percentile bootstrap CI resample prompts (runs of one model share their IRM-off samples
+exactly: same prompts, same seeds, so (run, prompt) pairs are not independent clusters; runs with
+different prompt sets fall back to (run, prompt) clusters); perplexities pool NLL over all tokens
 (``exp(sum NLL / sum tokens)``). The steering-vector baseline (``caa``) is pooled the same way, and its
 per-index profile (mean |vector| over layers, at the IRM's norm) is set against the IRM's (mean
 |injection| over layers and prompt tokens): is the consensus striation index large in the data's own
@@ -33,8 +35,15 @@ def _load(path: Path) -> Optional[dict]:
 
 
 def _pool(evals: list[dict], cond: str) -> dict:
-    hits = np.concatenate([e["conditions"][cond]["per_prompt_hits"] for e in evals]).astype(float)
-    n = np.concatenate([e["conditions"][cond]["per_prompt_n"] for e in evals]).astype(float)
+    """Pooled figures of ``cond`` over ``evals`` (runs of one alignment). Per-prompt hits and counts are
+    summed over the runs when every run used the same prompts (the clusters of the bootstrap are then
+    the prompts: runs of the same model, prompts and seed share their IRM-off samples exactly, so
+    (run, prompt) pairs would not be independent); otherwise each (run, prompt) is its own cluster."""
+    same = len({json.dumps(e.get("prompts")) for e in evals}) == 1
+    per = [np.asarray(e["conditions"][cond]["per_prompt_hits"], float) for e in evals]
+    per_n = [np.asarray(e["conditions"][cond]["per_prompt_n"], float) for e in evals]
+    hits = np.sum(per, axis=0) if same else np.concatenate(per)
+    n = np.sum(per_n, axis=0) if same else np.concatenate(per_n)
     nll = sum((e["conditions"][cond]["nll_per_token"] or 0.0) * e["conditions"][cond]["tokens"] for e in evals)
     tokens = sum(e["conditions"][cond]["tokens"] for e in evals)
     d2 = [e["conditions"][cond]["distinct2"] for e in evals if e["conditions"][cond]["distinct2"] is not None]
@@ -206,7 +215,7 @@ def report_lines(s: dict) -> list[str]:
                f"{j.get('test_split')} split (n = {j.get('n')}; majority class `{j.get('majority_label')}`: accuracy "
                f"{_fmt(j.get('majority_accuracy'))}, macro-F1 {_fmt(j.get('majority_macro_f1'))}). Alignment rate = "
                "share of continuations the judge assigns to the run's alignment; 95 % CIs are percentile bootstraps "
-               "over (run, prompt) clusters; perplexity is the base model's (IRM off), pooled over tokens.")
+               "over prompts (each prompt's samples of all the alignment's runs together); perplexity is the base model's (IRM off), pooled over tokens.")
     out.append("")
     rows = []
     for a, e in ev["per_alignment"].items():
