@@ -186,7 +186,7 @@ class EvaluationConfig:
     prompts: Optional[str] = None  # prompts file (one per line); None = the packaged neutral openings
     max_prompts: Optional[int] = None  # use the first N prompts only (the demo)
     baseline: bool = True  # also judge the contrastive steering vector (ActAdd/CAA) at the IRM's norm
-    baseline_texts: int = 256  # texts per side (alignment / other labels) for the steering vector
+    baseline_texts: int = 64  # texts per side (alignment / other labels) for the steering vector
     bootstrap: int = 2000  # bootstrap resamples (over prompts) for the on-off confidence interval
     judge_train_split: str = "train"
     judge_test_split: str = "test"

@@ -61,7 +61,7 @@ class EvalParams(SamplingParams):
     prompts: Optional[str] = None
     max_prompts: Optional[int] = None
     baseline: bool = True
-    baseline_texts: int = 256
+    baseline_texts: int = 64
     bootstrap: int = 2000
     judge_train_split: str = "train"
     judge_test_split: str = "test"
