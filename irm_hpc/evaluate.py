@@ -382,8 +382,15 @@ def evaluate_run(run_dir, params: Optional[EvalParams] = None, *, force: bool = 
 
 def evaluate_runs(run_dirs: Sequence[str], params: EvalParams) -> list[Optional[str]]:
     """Evaluate each finished run in turn (an evaluation array task). A run that cannot be evaluated is
-    reported on stdout and skipped (``None``); the others go on."""
+    reported on stdout and skipped (``None``); the others go on. Torch uses as many intra-op threads as
+    Slurm gave the task CPUs (``dist.intra_op_threads``), as training does: two array tasks on one node
+    must not each start a thread per core."""
+    from irm_hpc.dist import intra_op_threads
     from irm_hpc.generate import GenerationError
+
+    threads = intra_op_threads(None)
+    if threads:
+        torch.set_num_threads(threads)
 
     out: list[Optional[str]] = []
     models: dict = {}  # one frozen base model for all runs of this task
