@@ -129,12 +129,13 @@ def continuation_nll(lm, samples: Sequence[Sample], pad_id: int, batch_size: int
         for row, i in enumerate(idx):
             labels[row, : len(samples[i].prompt_ids)] = -100
         logits = lm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                    use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                    use_cache=False).logits
         tgt = labels[:, 1:].to(device)
-        picked = logp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
-        tok = torch.where(tgt != -100, -picked, torch.zeros_like(picked))  # no NaN from a -inf logit at padding
-        nll[idx] = tok.sum(1).double().cpu().numpy()
+        sel = tgt != -100  # only the continuation's positions go through the softmax
+        tok = torch.nn.functional.cross_entropy(logits[:, :-1][sel].float(), tgt[sel], reduction="none")
+        rows = torch.zeros(len(idx), dtype=torch.float64, device=tok.device)
+        rows.index_add_(0, sel.nonzero()[:, 0], tok.double())
+        nll[idx] = rows.cpu().numpy()
         count[idx] = (tgt != -100).sum(1).cpu().numpy()
     return nll, count
 
