@@ -281,12 +281,14 @@ def _condition(samples: list[Sample], probs: np.ndarray, labels: list[str], alig
 
 
 def evaluate_run(run_dir, params: Optional[EvalParams] = None, *, force: bool = False,
-                 device: Optional[torch.device] = None, models: Optional[dict] = None) -> dict:
+                 device: Optional[torch.device] = None, models: Optional[dict] = None,
+                 judges: Optional[dict] = None) -> dict:
     """Evaluate one finished run (see module docstring); returns its summary dict and writes
     ``<run_dir>/evaluation/summary.json`` and ``generations.jsonl``.
 
     Skips the work and returns the stored summary if its fingerprint matches (unless ``force``).
-    ``models``: a cache of loaded base models shared by the runs of one task (``generate.load_run``).
+    ``models`` / ``judges``: caches of loaded base models (``generate.load_run``) and judges (by data
+    config and splits) shared by the runs of one task.
     Raises ``GenerationError`` (not a finished run), ``EvaluationError``, ``DataError`` (the judge's
     splits cannot be read), ``ModelLoadError``, ``ConfigError``.
     """
@@ -314,8 +316,17 @@ def evaluate_run(run_dir, params: Optional[EvalParams] = None, *, force: bool = 
     t0 = time.perf_counter()
     run = load_run(run_path.root, device, models)
     t_load = time.perf_counter() - t0
-    judge, judge_metrics = load_judge(run.cfg.data, train_split=params.judge_train_split,
-                                      test_split=params.judge_test_split)
+    from omegaconf import OmegaConf
+
+    jkey = json.dumps([OmegaConf.to_container(run.cfg.data), params.judge_train_split, params.judge_test_split],
+                      sort_keys=True)
+    if judges is not None and jkey in judges:
+        judge, judge_metrics = judges[jkey]
+    else:
+        judge, judge_metrics = load_judge(run.cfg.data, train_split=params.judge_train_split,
+                                          test_split=params.judge_test_split)
+        if judges is not None:
+            judges[jkey] = (judge, judge_metrics)
     if run.alignment not in judge.labels:
         raise EvaluationError(f"alignment '{run.alignment}' is not a judge label ({', '.join(judge.labels)}); the "
                               "judge is trained on the run's data labels")
@@ -394,14 +405,15 @@ def evaluate_runs(run_dirs: Sequence[str], params: EvalParams) -> list[Optional[
         torch.set_num_threads(threads)
 
     out: list[Optional[str]] = []
-    models: dict = {}  # one frozen base model for all runs of this task
+    models: dict = {}  # one frozen base model and one judge for all runs of this task
+    judges: dict = {}
     for d in run_dirs:
         if not RunDir(d).is_done():
             print(f"skipped {d}: training did not finish (no DONE)")
             out.append(None)
             continue
         try:
-            s = evaluate_run(d, params, models=models)
+            s = evaluate_run(d, params, models=models, judges=judges)
             print(f"evaluated {d}: rate off {s['rate_off']:.3f} on {s['rate_on']:.3f} "
                   f"diff {s['rate_diff']:+.3f} CI [{s['rate_diff_ci'][0]:+.3f}, {s['rate_diff_ci'][1]:+.3f}]")
             out.append(str(RunDir(d).evaluation_summary))
@@ -438,8 +450,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ConfigError(f"cannot parse {item!r}; use key=value (lists as [0,1,2])") from None
         params = EvalParams.from_config(section)
         models: dict = {}
+        judges: dict = {}
         for d in dirs:
-            s = evaluate_run(d, params, force=force, models=models)
+            s = evaluate_run(d, params, force=force, models=models, judges=judges)
             print(json.dumps({k: s[k] for k in ("run", "alignment", "rate_off", "rate_on", "rate_diff", "rate_diff_ci",
                                                 "perplexity_off", "perplexity_on")}))
         return 0
