@@ -190,7 +190,7 @@ def figure(path: Path, ev: dict, consensus: list[int]) -> Optional[str]:
         ax.set_xlim(-1, len(irm))
         ax.set_xlabel("index (hidden dim); red = consensus striation indices", fontsize=8)
         ax.set_title("Per-index profile: trained IRM (up) vs the data's contrastive direction (down)", fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="lower left")
     fig.savefig(path, dpi=110)
     return path.name
 
