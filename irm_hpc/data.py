@@ -254,15 +254,18 @@ def _split(texts: list[str], fraction: float, max_eval: int, seed: int) -> tuple
     return [texts[i] for i in perm[n_eval:]], [texts[i] for i in perm[:n_eval]]
 
 
-def load_alignment(cfg, alignment: str, seed: int) -> AlignmentData:
+def load_alignment(cfg, alignment: str, seed: int,
+                   rows: Optional[list[tuple[str, list[str]]]] = None) -> AlignmentData:
     """Select the texts of ``alignment`` and split them deterministically by ``seed``.
+
+    ``rows``: ``read_rows(cfg)`` when the caller has read them already (read here otherwise).
 
     Train texts: the alignment's texts minus its eval share (``data.eval_fraction``, at most
     ``data.max_eval_texts``). ``eval_other``: up to ``max_eval_texts`` texts of the other labels, drawn
     with the same seed. Raises ``DataError`` if the source has no (single-label) rows, the label is absent
     (listing those present) or no texts are selected; ``read_rows`` raises it for unreadable files.
     """
-    rows = read_rows(cfg)
+    rows = read_rows(cfg) if rows is None else rows
     if not rows:
         which = " with exactly one label" if cfg.single_label_only else ""
         fix = "check the data or set data.single_label_only=false" if cfg.single_label_only else "check data.path"

@@ -39,7 +39,7 @@ import torch
 from irm_hpc.errors import ConfigError, IrmError, cli_errors, one_line
 from irm_hpc.generate import (LoadedRun, Sample, SamplingParams, default_prompts, encode_prompts, generate,
                               load_run, read_prompts, sample_rows, use_chat_template)
-from irm_hpc.inject import SteeringVectors, decoder_layers, inject, injection_site
+from irm_hpc.inject import SteeringVectors, capture_residuals, inject
 from irm_hpc.layout import RunDir, atomic_write_json, atomic_write_text
 
 SCHEMA = "irm_hpc.evaluation/1"
@@ -165,42 +165,18 @@ def mean_residuals(lm, seqs: Sequence[Sequence[int]], layers: Sequence[int], pad
     """Mean residual stream right after the attention block of each of ``layers`` (the injection
     sites), over the non-padding tokens of ``seqs`` except each text's first token (the attention sink,
     whose massive activations would weigh by text length). Returns (n_layers, hidden) float64 on CPU.
-    Hooks are removed on exit (also on error)."""
+    Through ``inject.capture_residuals`` (signed); hooks are removed on exit (also on error)."""
     from irm_hpc.data import collate
 
-    blocks = decoder_layers(lm)
     device = next(lm.parameters()).device
-    sums = torch.zeros(len(layers), lm.config.hidden_size, dtype=torch.float64)
-    state: dict = {"mask": None, "inputs": {}, "count": 0}
-    handles = []
-
-    def pre(k):
-        def hook(_m, args, kwargs):
-            state["inputs"][k] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def post(k):
-        def hook(_m, _args, out):
-            site = out[0] if isinstance(out, tuple) else out
-            resid = (state["inputs"].pop(k) + site).double()
-            sums[k] += (resid * state["mask"][..., None]).sum((0, 1)).cpu()
-        return hook
-
-    try:
-        for k, layer_idx in enumerate(layers):
-            handles.append(blocks[layer_idx].register_forward_pre_hook(pre(k), with_kwargs=True))
-            handles.append(injection_site(blocks[layer_idx]).register_forward_hook(post(k)))
+    with capture_residuals(lm, absolute=False) as stats:
         for start in range(0, len(seqs), batch_size):
             b = collate(list(seqs[start:start + batch_size]), pad_id)
             keep = b["attention_mask"].clone()
             keep[:, 0] = 0  # right-padded: position 0 is each text's first token
-            state["mask"] = keep.to(device).double()
-            state["count"] += int(keep.sum())
+            stats["mask"] = keep
             lm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return sums / max(state["count"], 1)
+    return stats["sum"][list(layers)] / max(stats["count"], 1)
 
 
 def contrastive_vectors(run: LoadedRun, n_texts: int, seed: int) -> tuple[torch.Tensor, dict]:
@@ -211,11 +187,12 @@ def contrastive_vectors(run: LoadedRun, n_texts: int, seed: int) -> tuple[torch.
     from irm_hpc.data import load_alignment, read_rows, tokenize
 
     cfg = run.cfg
-    data = load_alignment(cfg.data, run.alignment, int(cfg.seed))
+    rows = read_rows(cfg.data)  # read once: the split below and the other labels' texts
+    data = load_alignment(cfg.data, run.alignment, int(cfg.seed), rows=rows)
     rng = np.random.default_rng(seed)
     target = [data.train[i] for i in rng.permutation(len(data.train))[:n_texts]]
     train_set = set(data.train) | set(data.eval_target)
-    other_pool = [t for t, ls in read_rows(cfg.data) if run.alignment not in ls and t not in train_set]
+    other_pool = [t for t, ls in rows if run.alignment not in ls and t not in train_set]
     other = [other_pool[i] for i in rng.permutation(len(other_pool))[:n_texts]]
     if not target or not other:
         raise EvaluationError(f"run {run.run_id}: no texts for the steering vector of '{run.alignment}' "

@@ -263,17 +263,20 @@ def count_hooks(model: nn.Module) -> int:
 
 
 @contextmanager
-def capture_residuals(model: nn.Module) -> Iterator[dict]:
+def capture_residuals(model: nn.Module, absolute: bool = True) -> Iterator[dict]:
     """Accumulate the frozen model's residual stream after every layer's attention block.
 
-    Inside the block, each forward call adds ``abs(resid)`` summed over the tokens selected by
-    ``stats["mask"]`` (set it to the (batch, seq) attention mask before each call; all tokens if None).
-    Yields ``stats`` with ``"sum_abs"``: (n_layers, hidden) float64 sums and ``"count"``: token count;
-    mean = sum_abs / count. Hooks are removed on exit. Used for the base-model reference (massive
-    activation / outlier dimensions) next to the IRM's striations.
+    Inside the block, each forward call adds ``abs(resid)`` (``absolute=False``: ``resid`` itself)
+    summed over the tokens selected by ``stats["mask"]`` (set it to a (batch, seq) 0/1 mask before each
+    call, e.g. the attention mask; all tokens if None). Yields ``stats`` with ``"sum_abs"`` (or ``"sum"``
+    when not ``absolute``): (n_layers, hidden) float64 sums and ``"count"``: token count; mean = sum /
+    count. Hooks are removed on exit. Used for the base-model reference (massive activation / outlier
+    dimensions, absolute) next to the IRM's striations, and for the mean residuals of the steering-vector
+    baseline (signed, ``irm_hpc.evaluate``).
     """
     layers = decoder_layers(model)
-    stats: dict = {"sum_abs": None, "count": 0, "mask": None}
+    key = "sum_abs" if absolute else "sum"
+    stats: dict = {key: None, "count": 0, "mask": None}
     inputs: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -285,12 +288,13 @@ def capture_residuals(model: nn.Module) -> Iterator[dict]:
 
     def post(idx):
         def hook(_m, _args, out):
-            resid = (inputs.pop(idx) + _attn_output(out)).detach().abs().double()
+            resid = (inputs.pop(idx) + _attn_output(out)).detach().double()
+            resid = resid.abs() if absolute else resid
             mask = stats["mask"]
             mask = torch.ones(resid.shape[:2], device=resid.device) if mask is None else mask.to(resid.device)
-            if stats["sum_abs"] is None:
-                stats["sum_abs"] = torch.zeros(len(layers), resid.shape[-1], dtype=torch.float64)
-            stats["sum_abs"][idx] += (resid * mask[..., None]).sum((0, 1)).cpu()
+            if stats[key] is None:
+                stats[key] = torch.zeros(len(layers), resid.shape[-1], dtype=torch.float64)
+            stats[key][idx] += (resid * mask[..., None]).sum((0, 1)).cpu()
             if idx == 0:
                 stats["count"] += int(mask.sum())
 
