@@ -30,12 +30,13 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
+from irm_hpc.config import EvaluationConfig
 from irm_hpc.errors import ConfigError, IrmError, cli_errors, one_line
 from irm_hpc.generate import (LoadedRun, Sample, SamplingParams, default_prompts, encode_prompts, generate,
                               load_run, read_prompts, sample_rows, use_chat_template)
@@ -50,37 +51,40 @@ class EvaluationError(IrmError, ValueError):
     """A run cannot be evaluated (one line: problem and fix)."""
 
 
-@dataclass
-class EvalParams(SamplingParams):
-    """The evaluation's parameters (``sweep.evaluation`` of a sweep, see ``config.EvaluationConfig``): the
-    sampling parameters of :class:`~irm_hpc.generate.SamplingParams` plus the scales, prompts, baseline
-    and bootstrap settings and the judge's splits."""
+LAUNCHER_KEYS = ("enabled", "runs_per_task")  # sweep.evaluation keys of the launcher, not of the measurement
 
-    n_samples: int = 4
-    scales: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    prompts: Optional[str] = None
-    max_prompts: Optional[int] = None
-    baseline: bool = True
-    baseline_texts: int = 64
-    bootstrap: int = 2000
-    judge_train_split: str = "train"
-    judge_test_split: str = "test"
+
+@dataclass
+class EvalParams(EvaluationConfig):
+    """The evaluation's parameters: the fields and defaults of ``config.EvaluationConfig`` (the
+    ``sweep.evaluation`` schema, the one list of them), with their checks, the sampling parameters of
+    :class:`~irm_hpc.generate.SamplingParams` they hold and the prompt list."""
 
     @classmethod
     def from_config(cls, section: Any) -> "EvalParams":
-        """From a ``sweep.evaluation`` section (DictConfig or dict); ``enabled``/``runs_per_task`` are the
-        launcher's. Raises ``ConfigError`` for an unknown key or a scale list without 0 and 1."""
+        """From a ``sweep.evaluation`` section (DictConfig or dict), typed by the schema. Raises
+        ``ConfigError`` for an unknown key, a value of the wrong type, or what :meth:`check` refuses."""
         from omegaconf import DictConfig, OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
 
         data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section or {})
-        data = {k: v for k, v in data.items() if k not in ("enabled", "runs_per_task")}
-        known = {f for f in cls.__dataclass_fields__}
+        known = {f.name for f in fields(EvaluationConfig)}
         bad = sorted(set(data) - known)
         if bad:
             raise ConfigError(f"unknown evaluation key '{bad[0]}'; valid: {', '.join(sorted(known))}")
-        params = cls(**data)
+        try:
+            typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(EvaluationConfig), data))
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None) or "?"
+            raise ConfigError(f"evaluation.{key}: {str(exc).splitlines()[0]}; give a value of the schema's type "
+                              "(irm_hpc.config.EvaluationConfig)") from None
+        params = cls(**typed)
         params.check()
         return params
+
+    def settings(self) -> dict:
+        """The measurement's settings (every field but the launcher's ``enabled`` / ``runs_per_task``)."""
+        return {k: v for k, v in asdict(self).items() if k not in LAUNCHER_KEYS}
 
     def check(self) -> None:
         """Raises ``ConfigError`` naming the bad value (also a missing or empty prompts file)."""
@@ -91,7 +95,7 @@ class EvalParams(SamplingParams):
             raise ConfigError(f"evaluation.bootstrap={self.bootstrap}: use at least 100 resamples")
         if self.max_prompts is not None and self.max_prompts < 2:
             raise ConfigError("evaluation.max_prompts must be >= 2 (the bootstrap resamples prompts)")
-        super().check()
+        self.sampling().check()
         if len(self.prompt_list()) < 2:  # also: a missing prompts file fails here, at launch
             raise ConfigError("evaluation needs at least 2 prompts (the bootstrap resamples prompts)")
 
@@ -232,7 +236,7 @@ def injection_norms(run: LoadedRun, prompts: Sequence[str], chat: bool, batch_si
 def fingerprint(run_dir, params: EvalParams, prompts: Sequence[str]) -> str:
     """sha256 over the parameters, the prompts and the IRM weights file's size and mtime (ns)."""
     st = RunDir(run_dir).weights.stat()
-    blob = json.dumps({"params": asdict(params), "prompts": list(prompts), "weights": [st.st_size, st.st_mtime_ns],
+    blob = json.dumps({"params": params.settings(), "prompts": list(prompts), "weights": [st.st_size, st.st_mtime_ns],
                        "schema": SCHEMA}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -347,7 +351,7 @@ def evaluate_run(run_dir, params: Optional[EvalParams] = None, *, force: bool = 
         "schema": SCHEMA, "fingerprint": fp, "run": run.run_id, "alignment": run.alignment,
         "seed": int(run.cfg.seed), "layer_set": run.cfg.irm.get("layer_set") or "custom",
         "model": str(run.cfg.model.name), "injection_layers": run.irm.injection_layers,
-        "params": asdict(params), "prompts": prompts, "chat_template": chat, "judge": judge_metrics,
+        "params": params.settings(), "prompts": prompts, "chat_template": chat, "judge": judge_metrics,
         "conditions": results, "rate_off": off["alignment_rate"], "rate_on": on["alignment_rate"],
         "rate_diff": diff, "rate_diff_ci": ci,
         "perplexity_off": off["perplexity"], "perplexity_on": on["perplexity"],

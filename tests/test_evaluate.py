@@ -90,6 +90,10 @@ def test_eval_params_validation():
     with pytest.raises(ValueError, match="unknown evaluation key 'n_sample'"):
         EvalParams.from_config({"n_sample": 2})
     assert EvalParams.from_config({"enabled": True, "runs_per_task": 3, "scales": [0, 1, 2]}).scales == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="evaluation.n_samples"):
+        EvalParams.from_config({"n_samples": "four"})  # typed by the schema (config.EvaluationConfig)
+    p = EvalParams.from_config({"runs_per_task": 3})
+    assert "runs_per_task" not in p.settings() and p.settings()["n_samples"] == 4
 
 
 SMALL = dict(n_samples=2, max_prompts=4, max_new_tokens=6, baseline_texts=16, bootstrap=200, scales=[0, 1, 2])
@@ -182,3 +186,9 @@ def test_launch_rejects_bad_evaluation_settings_before_submitting(tmp_path, over
                                         "sweep.evaluation.enabled=true", override], timeout=120)
     assert res.returncode == 2 and message in res.stderr, res.stderr[-1500:]
     assert len(res.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_cli_wrong_type_is_one_line(tiny_run):
+    res = run_module("irm_hpc.evaluate", [str(tiny_run), "n_samples=four"], timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-1500:]
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "evaluation.n_samples" in res.stderr
