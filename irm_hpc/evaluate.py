@@ -279,11 +279,10 @@ def evaluate_run(run_dir, params: Optional[EvalParams] = None, *, force: bool = 
     params.check()
     prompts = params.prompt_list()
     run_path = RunDir(run_dir)
-    from irm_hpc.generate import read_run_config, GenerationError
+    from irm_hpc.generate import read_run_config, require_weights
 
     read_run_config(run_path.root)  # one-line errors for a bad dir before anything heavy
-    if not run_path.weights.is_file():
-        raise GenerationError(f"{run_path.weights} not found: the run has not finished; wait for it or resume it")
+    require_weights(run_path.root)
     out_dir = run_path.evaluation
     fp = fingerprint(run_path.root, params, prompts)
     summary_file = run_path.evaluation_summary

@@ -95,6 +95,15 @@ def read_run_config(run_dir) -> DictConfig:
     return cfg
 
 
+def require_weights(run_dir) -> Path:
+    """The run's ``irm.safetensors``; raises ``GenerationError`` if the run has not finished writing it."""
+    path = RunDir(run_dir).weights
+    if not path.is_file():
+        raise GenerationError(f"{path} not found: the run has not finished (no final IRM weights); wait for it or "
+                              f"resume it (python -m irm_hpc.train ... out_dir={RunDir(run_dir).root})")
+    return path
+
+
 def load_irm(run_dir, cfg: DictConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> IRM:
     """The trained IRM of ``run_dir`` from ``irm.safetensors`` (layers and hidden size from its metadata,
     width/depth from ``cfg.irm``) in ``dtype`` on ``device``. Raises ``GenerationError`` if the file is
@@ -102,10 +111,7 @@ def load_irm(run_dir, cfg: DictConfig, device: torch.device, dtype: torch.dtype 
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    path = RunDir(run_dir).weights
-    if not path.is_file():
-        raise GenerationError(f"{path} not found: the run has not finished (no final IRM weights); wait for it or "
-                              f"resume it (python -m irm_hpc.train ... out_dir={RunDir(run_dir).root})")
+    path = require_weights(run_dir)
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
