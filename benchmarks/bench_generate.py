@@ -33,12 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def base_matmul_params(lm) -> int:
-    """Matmul parameters one new token passes through (every Linear, the LM head included; embeddings
-    are a lookup)."""
-    return sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear))
-
-
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -50,6 +44,7 @@ def bench_model(args) -> dict:
     from irm_hpc.inject import inject, layer_set_layers
     from irm_hpc.irm import IRM
     from irm_hpc.models import load_model
+    from irm_hpc.perf import ModelShape, irm_params
 
     device = torch.device(args.device)
     if args.shape:
@@ -67,8 +62,8 @@ def bench_model(args) -> dict:
     torch.manual_seed(0)
     irm = IRM(lm.config.hidden_size, layers, 3, 3).to(device=device, dtype=next(lm.parameters()).dtype).eval()
     irm.requires_grad_(False)
-    n_irm = sum(p.numel() for p in irm.parameters())
-    n_base = base_matmul_params(lm)
+    n_irm = irm_params(lm.config.hidden_size, len(layers), 3, 3)  # irm_hpc.perf's FLOP model, as bench_gpu
+    n_base = ModelShape.from_hf_config(lm.config).forward_matmul_params
     bound = n_base / (n_base + n_irm)
     chat = use_chat_template(tok, "auto")
     prompts = default_prompts()

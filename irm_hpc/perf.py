@@ -100,6 +100,12 @@ class ModelShape:
         return self.vocab * self.hidden
 
     @property
+    def forward_matmul_params(self) -> int:
+        """Matmul weights one token passes through in a forward pass: every layer's, plus the LM head
+        (forward FLOPs per token = 2 x this, attention over the context aside)."""
+        return self.n_layers * self.layer_matmul_params + self.head_params
+
+    @property
     def n_params(self) -> int:
         """Total parameters: layers (matmuls + 2 RMSNorm weights each), final norm, embeddings, untied LM head."""
         layers = self.n_layers * (self.layer_matmul_params + 2 * self.hidden)
@@ -191,7 +197,7 @@ def train_flops_per_token(shape: ModelShape, injection_layers: Sequence[int], se
     n_irm = irm_params(h, len(layers), irm_width, irm_depth)
     after = L - f - 1  # layers fully back-propagated
     terms = {
-        "base_forward": 2 * (L * shape.layer_matmul_params + shape.head_params),
+        "base_forward": 2 * shape.forward_matmul_params,
         "attn_forward": 4 * L * h * s_eff,
         "base_backward": 2 * (shape.mlp_matmul_params + after * shape.layer_matmul_params + shape.head_params),
         "attn_backward": 8 * after * h * s_eff,
