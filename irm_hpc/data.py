@@ -290,8 +290,10 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return [ids for ids in enc["input_ids"]]
 
 
-def collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch. Returns ``input_ids``, ``attention_mask`` and ``labels``, each (batch, seq).
+def collate(seqs: list[list[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch on the right (training, scoring) or the ``side="left"`` (batched generation, so every
+    row's last token is at the end). Returns ``input_ids``, ``attention_mask`` and ``labels``, each
+    (batch, seq).
 
     ``labels`` equal ``input_ids`` with padding set to -100; HF causal LMs shift labels internally,
     so no shift happens here (the seed code shifted twice).
@@ -300,8 +302,9 @@ def collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, cols] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 

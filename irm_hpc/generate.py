@@ -179,15 +179,12 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool) -> list[list[i
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``input_ids`` and ``attention_mask``, each (batch, seq), for batched generation."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        if s:
-            ids[row, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[row, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
+    """Left-padded ``input_ids`` and ``attention_mask``, each (batch, seq), on ``device``, for batched
+    generation (``data.collate`` with ``side="left"``)."""
+    from irm_hpc.data import collate
+
+    b = collate([list(s) for s in seqs], pad_id, side="left")
+    return b["input_ids"].to(device), b["attention_mask"].to(device)
 
 
 @dataclass
