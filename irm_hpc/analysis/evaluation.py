@@ -53,12 +53,6 @@ def _pool(evals: list[dict], cond: str) -> dict:
             "distinct2": float(np.mean(d2)) if d2 else None}
 
 
-def _ranks(profile: np.ndarray) -> np.ndarray:
-    r = np.empty(len(profile), int)
-    r[np.argsort(-profile)] = np.arange(1, len(profile) + 1)
-    return r
-
-
 def collect(run_paths: dict[str, str], alignments: dict[str, str], consensus: list[int],
             resamples: int = 2000, seed: int = 0) -> dict:
     """The ``evaluation`` section of ``summary.json``.
@@ -133,7 +127,9 @@ def collect(run_paths: dict[str, str], alignments: dict[str, str], consensus: li
     if irm_prof and caa_prof:
         irm_m = np.mean([p / p.mean() for p in irm_prof], axis=0)  # each run normalised to mean 1
         caa_m = np.mean([p / p.mean() for p in caa_prof], axis=0)
-        ri, rc = _ranks(irm_m), _ranks(caa_m)
+        from irm_hpc.analysis.stats import descending_ranks
+
+        ri, rc = descending_ranks(irm_m), descending_ranks(caa_m)
         from scipy.stats import spearmanr
 
         rho = spearmanr(irm_m, caa_m)

@@ -254,10 +254,7 @@ def _base_relation(results: list[RunResult], cons: dict, params: Params) -> dict
     prof = cons["mean_column_score"]
     sd = base.std()
     z = (base - base.mean()) / sd if sd > 0 else np.zeros_like(base)
-    rank = np.empty(len(base), int)
-    rank[np.argsort(-base)] = np.arange(1, len(base) + 1)
-    prank = np.empty(len(prof), int)
-    prank[np.argsort(-prof)] = np.arange(1, len(prof) + 1)
+    rank, prank = st.descending_ranks(base), st.descending_ranks(prof)
     cons_idx = {e["index"] for e in cons["indices"]}
     top = np.argsort(-base)[:params.n_outliers]
     outliers = [{"index": int(i), "base_mean_abs": _f(base[i]), "base_z": _f(z[i]), "base_rank": int(rank[i]),

@@ -39,6 +39,13 @@ def top_k(hidden: int, top_k_frac: float) -> int:
     return int(min(max(1, round(top_k_frac * hidden)), max(1, hidden - 1)))
 
 
+def descending_ranks(x: np.ndarray) -> np.ndarray:
+    """Rank of each entry of ``x`` (n,), 1 = largest (ties in ``np.argsort`` order)."""
+    r = np.empty(len(x), int)
+    r[np.argsort(-np.asarray(x))] = np.arange(1, len(x) + 1)
+    return r
+
+
 def topk_membership(m: np.ndarray, k: int) -> np.ndarray:
     """(n_inj, hidden) bool: strictly above the layer's (k+1)-th largest value (ties excluded).
 
