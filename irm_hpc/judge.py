@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 import zipfile
@@ -39,7 +38,7 @@ from typing import Optional, Union
 import numpy as np
 
 from irm_hpc.errors import IrmError, one_line
-from irm_hpc.layout import atomic_path, check_private, make_private_dir
+from irm_hpc.layout import atomic_path, cache_root, check_private, make_private_dir
 
 PathLike = Union[str, Path]
 
@@ -345,7 +344,7 @@ def split_rows(data_cfg, split: str) -> list[tuple[str, str]]:
 
 def judge_cache_dir() -> Path:
     """``$IRM_HPC_CACHE/judge`` (default ``~/.cache/irm_hpc/judge``), where :func:`load_judge` keeps judges."""
-    return Path(os.environ.get("IRM_HPC_CACHE", Path.home() / ".cache" / "irm_hpc")) / "judge"
+    return cache_root() / "judge"
 
 
 def _warn(msg: str) -> None:

@@ -68,6 +68,12 @@ ANALYSIS_REPORT = "report.md"
 ANALYSIS_FIGURES = "figures"
 
 
+def cache_root() -> Path:
+    """The per-user cache outside any sweep: ``$IRM_HPC_CACHE``, default ``~/.cache/irm_hpc`` (converted
+    GGUF models under ``models/``, fitted judges under ``judge/``)."""
+    return Path(os.environ.get("IRM_HPC_CACHE", Path.home() / ".cache" / "irm_hpc"))
+
+
 def record_segment_name(first_step: int, k: int = 0) -> str:
     """File name of a record segment (matches ``RECORD_SEG_GLOB``): ``seg-<first_step:08d>.h5``, or
     ``seg-<first_step:08d>-<k>.h5`` for the k-th (k >= 1) segment starting at the same step."""

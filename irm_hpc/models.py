@@ -130,8 +130,9 @@ def _load_error(cfg, exc: Exception) -> ModelLoadError:
 
 
 def _cache_dir(name: str) -> Path:
-    root = Path(os.environ.get("IRM_HPC_CACHE", Path.home() / ".cache" / "irm_hpc"))
-    return root / "models" / name
+    from irm_hpc.layout import cache_root
+
+    return cache_root() / "models" / name
 
 
 def _load_pretrained(cfg, dtype: torch.dtype):
