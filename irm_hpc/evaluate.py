@@ -63,7 +63,8 @@ class EvalParams(EvaluationConfig):
     @classmethod
     def from_config(cls, section: Any) -> "EvalParams":
         """From a ``sweep.evaluation`` section (DictConfig or dict), typed by the schema. Raises
-        ``ConfigError`` for an unknown key, a value of the wrong type, or what :meth:`check` refuses."""
+        ``ConfigError`` for an unknown key, a value of the wrong type, a ``${...}`` interpolation, or what
+        :meth:`check` refuses."""
         from omegaconf import DictConfig, OmegaConf
         from omegaconf.errors import OmegaConfBaseException
 
@@ -72,6 +73,10 @@ class EvalParams(EvaluationConfig):
         bad = sorted(set(data) - known)
         if bad:
             raise ConfigError(f"unknown evaluation key '{bad[0]}'; valid: {', '.join(sorted(known))}")
+        literal = [v for v in data.values() for v in (v if isinstance(v, list) else [v])]
+        interp = next((v for v in literal if isinstance(v, str) and "${" in v), None)
+        if interp is not None:  # settings are data (the manifest's, or typed by a user): never resolved
+            raise ConfigError(f"evaluation value {interp!r} holds an interpolation; give a literal value")
         try:
             typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(EvaluationConfig), data))
         except OmegaConfBaseException as exc:

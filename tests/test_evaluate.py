@@ -92,6 +92,8 @@ def test_eval_params_validation():
     assert EvalParams.from_config({"enabled": True, "runs_per_task": 3, "scales": [0, 1, 2]}).scales == [0.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="evaluation.n_samples"):
         EvalParams.from_config({"n_samples": "four"})  # typed by the schema (config.EvaluationConfig)
+    with pytest.raises(ValueError, match="interpolation"):
+        EvalParams.from_config({"n_samples": "${oc.env:HOME}"})
     p = EvalParams.from_config({"runs_per_task": 3})
     assert "runs_per_task" not in p.settings() and p.settings()["n_samples"] == 4
 
