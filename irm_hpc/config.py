@@ -193,6 +193,51 @@ class EvaluationConfig:
     runs_per_task: int = 1  # runs per evaluation array task
 
 
+def typed_section(schema: type, section: Any, name: str) -> dict:
+    """A ``sweep.<name>`` section (DictConfig or dict) as a plain dict typed by its dataclass ``schema``
+    (defaults filled in). Raises ``ConfigError`` for an unknown key (listing the valid ones), a value of
+    the wrong type, or a ``${...}`` interpolation (settings are data: the manifest's, or typed by a user;
+    never resolved)."""
+    from dataclasses import fields as dc_fields
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    data = OmegaConf.to_container(section, resolve=False) if isinstance(section, DictConfig) else dict(section or {})
+    known = {f.name for f in dc_fields(schema)}
+    bad = sorted(set(data) - known)
+    if bad:
+        raise ConfigError(f"unknown {name} key '{bad[0]}'; valid: {', '.join(sorted(known))}")
+    literal = [v for v in data.values() for v in (v if isinstance(v, list) else [v])]
+    interp = next((v for v in literal if isinstance(v, str) and "${" in v), None)
+    if interp is not None:
+        raise ConfigError(f"{name} value {interp!r} holds an interpolation; give a literal value")
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), data))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"{name}.{key}: {str(exc).splitlines()[0]}; give a value of the schema's type "
+                          f"(irm_hpc.config.{schema.__name__})") from None
+
+
+@dataclass
+class AblationConfig:
+    """The ablation stage of a sweep (``irm_hpc.ablate``): per finished run, the consensus striation
+    indices of the sweep's analysis zeroed in every injection layer, against a null of indices matched on
+    mean |injection|; keep-only; layer-group ablations; the judge's alignment rate where the run was
+    evaluated. Runs after the striation analysis; the analysis reduce runs again to pool it."""
+
+    enabled: bool = False  # run the ablation array after the analysis, then the reduce again
+    max_indices: int = 3  # consensus indices ablated (highest share first)
+    null_size: int = 50  # matched random indices per consensus index (the permutation null)
+    eval_texts: int = 64  # held-out texts per side (target alignment, other labels), from the run's split
+    batch_size: int = 16  # texts per forward
+    layer_groups: str = "quarters"  # quarters | each | none: which injection layers are dropped together
+    judge: bool = True  # also the judge's alignment rate with each index ablated (runs with an evaluation)
+    bootstrap: int = 2000  # bootstrap resamples (over prompts) for the judge's rate difference
+    seed: int = 0
+    runs_per_task: int = 1  # runs per ablation array task
+
+
 @dataclass
 class SweepConfig:
     """Axes of a sweep: one training task per (alignment, seed, layer set)."""
@@ -204,6 +249,7 @@ class SweepConfig:
     train_overrides: list[str] = field(default_factory=list)  # hydra overrides of every training task
     analysis: list[str] = field(default_factory=list)  # key=value parameters of the striation analysis
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from irm_hpc.config import EvaluationConfig
+from irm_hpc.config import EvaluationConfig, typed_section
 from irm_hpc.errors import ConfigError, IrmError, cli_errors, one_line
 from irm_hpc.generate import (LoadedRun, Sample, SamplingParams, default_prompts, encode_prompts, generate,
                               load_run, read_prompts, sample_rows, use_chat_template)
@@ -65,24 +65,7 @@ class EvalParams(EvaluationConfig):
         """From a ``sweep.evaluation`` section (DictConfig or dict), typed by the schema. Raises
         ``ConfigError`` for an unknown key, a value of the wrong type, a ``${...}`` interpolation, or what
         :meth:`check` refuses."""
-        from omegaconf import DictConfig, OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
-
-        data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section or {})
-        known = {f.name for f in fields(EvaluationConfig)}
-        bad = sorted(set(data) - known)
-        if bad:
-            raise ConfigError(f"unknown evaluation key '{bad[0]}'; valid: {', '.join(sorted(known))}")
-        literal = [v for v in data.values() for v in (v if isinstance(v, list) else [v])]
-        interp = next((v for v in literal if isinstance(v, str) and "${" in v), None)
-        if interp is not None:  # settings are data (the manifest's, or typed by a user): never resolved
-            raise ConfigError(f"evaluation value {interp!r} holds an interpolation; give a literal value")
-        try:
-            typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(EvaluationConfig), data))
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            raise ConfigError(f"evaluation.{key}: {str(exc).splitlines()[0]}; give a value of the schema's type "
-                              "(irm_hpc.config.EvaluationConfig)") from None
+        typed = typed_section(EvaluationConfig, section, "evaluation")
         params = cls(**typed)
         params.check()
         return params

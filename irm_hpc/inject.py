@@ -115,6 +115,8 @@ class Injector:
         scale: multiplies every injection vector (1 = what training injects; 0 injects zeros; the
             switch that leaves the model exactly unchanged is ``enabled=False``).
         ablate: hidden indices zeroed in every injection layer's vector (an ablation), or None.
+        drop_layers: model layer indices whose injection is left out (a layer ablation); the IRM still
+            runs, the other layers get their vectors unchanged.
     """
 
     irm: nn.Module
@@ -124,6 +126,7 @@ class Injector:
     handles: list = field(default_factory=list)
     scale: float = 1.0
     ablate: Optional[torch.Tensor] = None
+    drop_layers: frozenset = frozenset()
     _layer0_input: Optional[torch.Tensor] = None
 
     def set_ablate(self, indices: Optional[Sequence[int]]) -> None:
@@ -186,7 +189,8 @@ class SteeringVectors(nn.Module):
 
 @contextmanager
 def inject(model: nn.Module, irm: nn.Module, enabled: bool = True, keep_injections: bool = True,
-           scale: float = 1.0, ablate: Optional[Sequence[int]] = None) -> Iterator[Injector]:
+           scale: float = 1.0, ablate: Optional[Sequence[int]] = None,
+           drop_layers: Optional[Sequence[int]] = None) -> Iterator[Injector]:
     """Install IRM hooks on ``model`` for the duration of the ``with`` block.
 
     Args:
@@ -197,6 +201,7 @@ def inject(model: nn.Module, irm: nn.Module, enabled: bool = True, keep_injectio
         scale: multiply every injection vector by ``scale`` (``Injector.scale``; 1 = as trained).
         ablate: hidden indices to zero in every injection layer (``Injector.ablate``; seed paper's
             "next checks", Sun et al. 2024 zero massive-activation dims the same way).
+        drop_layers: model layer indices (injection layers) that get no vector (``Injector.drop_layers``).
 
     Yields:
         The :class:`Injector`; every hook is removed on exit, also on error.
@@ -209,6 +214,11 @@ def inject(model: nn.Module, irm: nn.Module, enabled: bool = True, keep_injectio
     resolve_layers(len(layers), irm.injection_layers)
     state = Injector(irm=irm, enabled=enabled, keep_injections=keep_injections, scale=float(scale))
     state.set_ablate(ablate)
+    dropped = set(resolve_layers(len(layers), list(drop_layers or [])))
+    if dropped - set(irm.injection_layers):
+        raise ConfigError(f"cannot drop layer {sorted(dropped - set(irm.injection_layers))[0]}: it is not an "
+                          f"injection layer ({irm.injection_layers})")
+    state.drop_layers = frozenset(dropped)
     slot = {layer_idx: k for k, layer_idx in enumerate(irm.injection_layers)}
     current: dict = {"parts": None}
 
@@ -236,7 +246,7 @@ def inject(model: nn.Module, irm: nn.Module, enabled: bool = True, keep_injectio
             site_out = _attn_output(out)
             if layer_idx == 0:
                 run_irm(site_out)
-            if layer_idx not in slot:
+            if layer_idx not in slot or layer_idx in state.drop_layers:
                 return None
             vec = current["parts"][slot[layer_idx]].to(site_out.dtype)
             return _replace_output(out, site_out + vec)

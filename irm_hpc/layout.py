@@ -9,7 +9,8 @@ Every stage (train, record, launch, status, resume, analysis) names files throug
       runs/<task_id>/                         RunDir (one training task's out_dir)
         config.yaml  metrics.jsonl  tensorboard/  checkpoints/  record/  injections.h5  irm.safetensors  DONE
         evaluation/summary.json generations.jsonl   (the evaluation stage, irm_hpc.evaluate)
-      logs/{train,evaluation,analysis,driver}/  submitit folders (pickles, stdout/stderr)
+        ablation/summary.json                       (the ablation stage, irm_hpc.ablate)
+      logs/{train,evaluation,ablation,analysis,driver}/  submitit folders (pickles, stdout/stderr)
       analysis/                               profiles/, summary.json, report.md, figures/
 
 :func:`atomic_write_text` / :func:`atomic_write_json` (text) and :func:`atomic_path` (files written by a
@@ -54,6 +55,7 @@ WEIGHTS = "irm.safetensors"
 DONE = "DONE"
 EVALUATION_DIR = "evaluation"
 EVALUATION_SUMMARY = "summary.json"
+ABLATION_DIR = "ablation"
 GENERATIONS = "generations.jsonl"
 
 # Sweep directory.
@@ -291,6 +293,8 @@ class RunDir:
     evaluation = property(lambda self: self.root / EVALUATION_DIR)
     evaluation_summary = property(lambda self: self.root / EVALUATION_DIR / EVALUATION_SUMMARY)
     generations = property(lambda self: self.root / EVALUATION_DIR / GENERATIONS)
+    ablation = property(lambda self: self.root / ABLATION_DIR)
+    ablation_summary = property(lambda self: self.root / ABLATION_DIR / EVALUATION_SUMMARY)
 
     def is_done(self) -> bool:
         """Training finished: ``DONE`` (written last) exists."""
@@ -331,6 +335,7 @@ class SweepDir:
     train_logs = property(lambda self: self.logs / "train")
     analysis_logs = property(lambda self: self.logs / "analysis")
     evaluation_logs = property(lambda self: self.logs / "evaluation")
+    ablation_logs = property(lambda self: self.logs / "ablation")
     driver_logs = property(lambda self: self.logs / "driver")
 
     @staticmethod
