@@ -263,9 +263,13 @@ def _judge_ablation(run, indices: Sequence[int], params: AblationParams, judges:
 
 
 # ----------------------------------------------------------------------------- one run
+JUDGE_KEYS = ("judge", "bootstrap")  # settings of the judge part alone
+
+
 def fingerprint(run_dir, params: AblationParams, indices: Sequence[int]) -> str:
-    """sha256 over the settings, the indices, the IRM weights' size and mtime (ns), and the run's
-    evaluation fingerprint (the judge part reuses its samples)."""
+    """sha256 over the loss part's settings (all but ``judge`` / ``bootstrap``), the indices, the IRM
+    weights' size and mtime (ns), and the run's evaluation fingerprint (the judge part reuses its samples).
+    A summary with this fingerprint but no judge part gets the judge part added, nothing else redone."""
     run = RunDir(run_dir)
     st = run.weights.stat()
     ev = None
@@ -274,7 +278,8 @@ def fingerprint(run_dir, params: AblationParams, indices: Sequence[int]) -> str:
             ev = json.loads(run.evaluation_summary.read_text()).get("fingerprint")
         except (OSError, ValueError):
             ev = "unreadable"
-    blob = json.dumps({"params": params.settings(), "indices": [int(i) for i in indices], "schema": SCHEMA,
+    settings = {k: v for k, v in params.settings().items() if k not in JUDGE_KEYS}
+    blob = json.dumps({"params": settings, "indices": [int(i) for i in indices], "schema": SCHEMA,
                        "weights": [st.st_size, st.st_mtime_ns], "evaluation": ev}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -306,13 +311,22 @@ def ablate_run(run_dir, indices: Sequence[int], params: Optional[AblationParams]
     if not indices:
         raise ConfigError("no index to ablate: pass --indices I ... or run the striation analysis first")
     fp = fingerprint(run_path.root, params, indices)
+    want_judge = params.judge and run_path.evaluation_summary.is_file()
     if run_path.ablation_summary.is_file() and not force:
         try:
             old = json.loads(run_path.ablation_summary.read_text())
-            if old.get("fingerprint") == fp:
-                return old
         except (OSError, ValueError):
-            pass
+            old = {}
+        if old.get("fingerprint") == fp:
+            if not want_judge or old.get("judge"):
+                return old
+            t0 = time.perf_counter()  # the loss part is current: add the judge part only
+            run = load_run(run_path.root, device, models)
+            old["judge"] = _judge_ablation(run, indices, params, judges)
+            old["params"] = params.settings()
+            old["timing"]["judge_seconds"] = round(time.perf_counter() - t0, 3)
+            atomic_write_json(run_path.ablation_summary, old, indent=1)
+            return old
     t0 = time.perf_counter()
     run = load_run(run_path.root, device, models)
     hidden = int(run.irm.hidden_size)
@@ -359,8 +373,10 @@ def ablate_run(run_dir, indices: Sequence[int], params: Optional[AblationParams]
                        "gain_only": _f(only), "only_share": _f(only / full) if abs(full) > 1e-12 else None})
     t_loss = time.perf_counter() - t0
     judge = None
-    if params.judge and run_path.evaluation_summary.is_file():
+    if want_judge:
+        t1 = time.perf_counter()
         judge = _judge_ablation(run, indices, params, judges)
+        t_judge = round(time.perf_counter() - t1, 3)
     summary = {
         "schema": SCHEMA, "fingerprint": fp, "run": run.run_id, "alignment": run.alignment, "seed": int(cfg.seed),
         "layer_set": cfg.irm.get("layer_set") or "custom", "model": str(cfg.model.name),
@@ -372,6 +388,7 @@ def ablate_run(run_dir, indices: Sequence[int], params: Optional[AblationParams]
         "layers": {"mode": params.layer_groups, "groups": groups}, "judge": judge,
         "mean_abs_injection": [_f(x) for x in mean_abs],
         "timing": {"loss_seconds": round(t_loss, 3), "conditions": bench.forwards,
+                   "judge_seconds": t_judge if judge is not None else None,
                    "total_seconds": round(time.perf_counter() - t0, 3)},
     }
     run_path.ablation.mkdir(exist_ok=True)

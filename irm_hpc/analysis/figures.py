@@ -382,4 +382,13 @@ def write_figures(out: Path, results: list, summary: dict, params) -> dict[str, 
                           [c["index"] for c in summary["consensus"]["indices"]])
     if e:
         figs["evaluation"] = e
+    from irm_hpc.analysis import ablation, mechanism
+
+    arrays = summary.get("_arrays", {})
+    a = ablation.figure(d / "ablation.png", {**(summary.get("ablation") or {}), "_null": arrays.get("ablation_null") or {}})
+    if a:
+        figs["ablation"] = a
+    m = mechanism.figure(d / "mechanism.png", {**(summary.get("mechanism") or {}), "_arrays": arrays.get("norm_gains")})
+    if m:
+        figs["mechanism"] = m
     return {k: f"{ANALYSIS_FIGURES}/{v}" for k, v in figs.items()}

@@ -46,6 +46,9 @@ class Params:
       n_outliers: base-model outlier dimensions listed beside the striations.
       max_heatmap_runs: runs shown in the per-run heatmap grid.
       figures: write PNG figures (matplotlib, Agg backend).
+      mechanism: read the consensus indices' norm-gain ranks, LM-head column norms and logit lens from the
+        frozen model's weights (`irm_hpc.analysis.mechanism`; loads the model on the CPU: the reduce job
+        then needs its memory, ``cluster.analysis_mem_gb``).
       workers: map processes in `analyze` (1 = in-process loop; >1 = a multiprocessing pool of that size;
         0 = auto: 2 when there are >= AUTO_POOL_MIN_RUNS runs and >= 2 usable CPUs, else 1).
     """
@@ -62,6 +65,7 @@ class Params:
     n_outliers: int = 10
     max_heatmap_runs: int = 6
     figures: bool = True
+    mechanism: bool = True
     workers: int = 0
     block_rows: int = 0
 

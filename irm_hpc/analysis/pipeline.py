@@ -268,6 +268,30 @@ def _base_relation(results: list[RunResult], cons: dict, params: Params) -> dict
             "profile": base, "per_layer": per_layer, "z": z}
 
 
+def _mechanism(paths: list[str], cons: dict, ab: dict, params: Params) -> dict:
+    """The ``mechanism`` section (``analysis.mechanism``) for the consensus indices and the ablated ones,
+    read from the weights of the runs' frozen model (loaded on the CPU); ``available: False`` with the
+    reason when there is no index, no run dir, ``mechanism=false``, or the model does not load."""
+    from irm_hpc.analysis import mechanism
+    from irm_hpc.errors import IrmError, one_line
+
+    indices = list(dict.fromkeys([e["index"] for e in cons["indices"]] + [int(i) for i in ab.get("indices", {})]))
+    why = ("mechanism=false" if not params.mechanism else "no consensus striation index" if not indices
+           else "no run directory to load the model from" if not paths else "")
+    if why:
+        return {"available": False, "reason": why}
+    try:
+        lm, tok = mechanism.load_for_runs(paths)
+    except (IrmError, OSError) as exc:
+        warn(f"mechanism: cannot load the model ({one_line(exc)})")
+        return {"available": False, "reason": f"model not loadable: {one_line(exc)}"}
+    base_rank = {e["index"]: e.get("base_rank") for e in cons["indices"]}
+    out = mechanism.mechanism(lm, tok, indices, base_rank)
+    for i, e in out["indices"].items():
+        e["summary"] = mechanism.describe(e, out["hidden_size"])
+    return out
+
+
 # ----------------------------------------------------------------------------- reduce
 def reduce_runs(out_dir: PathLike, params: Union[None, Params, list, dict] = None, *,
                 skipped: Optional[list[dict]] = None) -> dict:
@@ -348,6 +372,11 @@ def build_summary(results: list[RunResult], params: Params, skipped: list[dict])
     ev = evaluation.collect({r.name: r.prof.meta["path"] for r in results if r.prof.meta.get("path")},
                             {r.name: r.prof.alignment for r in results}, [e["index"] for e in cons["indices"]],
                             seed=params.seed)
+    from irm_hpc.analysis import ablation
+
+    paths = {r.name: r.prof.meta["path"] for r in results if r.prof.meta.get("path")}
+    ab = ablation.collect(paths, {r.name: r.prof.alignment for r in results})
+    mech = _mechanism(list(paths.values()), cons, ab, params)
     summary = {
         "schema": SUMMARY_SCHEMA, "params": params.as_dict(),
         "model": {"model_name": p0.meta["model_name"], "hidden_size": p0.hidden, "n_layers": p0.meta["n_layers"]},
@@ -377,11 +406,14 @@ def build_summary(results: list[RunResult], params: Params, skipped: list[dict])
             "alignment_gain": _gain_controls(entries)},
         "base_model": {k: v for k, v in base.items() if k not in ("profile", "per_layer", "z")},
         "evaluation": ev,
+        "ablation": {k: v for k, v in ab.items() if not k.startswith("_")},
+        "mechanism": {k: v for k, v in mech.items() if not k.startswith("_")},
         "notes": [],
         "_arrays": {"profiles": profiles, "pearson": corr["pearson"], "share": cons["share"],
                     "share0": cons["share0"], "mean_column_score": cons["mean_column_score"],
                     "mean_continuity": cons["mean_continuity"], "base_profile": base.get("profile"),
-                    "base_per_layer": base.get("per_layer"), "linkage": cl.linkage_matrix(corr["pearson"])},
+                    "base_per_layer": base.get("per_layer"), "linkage": cl.linkage_matrix(corr["pearson"]),
+                    "ablation_null": ab.get("_null"), "norm_gains": mech.get("_arrays")},
     }
     return summary
 

@@ -119,6 +119,9 @@ def render(s: dict) -> str:
     from irm_hpc.analysis.evaluation import report_lines
 
     out += report_lines(s)
+    from irm_hpc.analysis.ablation import report_lines as ablation_lines
+
+    out += ablation_lines(s)
 
     # runs
     out += ["## Runs", ""]
