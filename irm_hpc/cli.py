@@ -1,6 +1,6 @@
 """``irm-hpc <stage> ...``: one console script dispatching to the stage entry points.
 
-Stages: ``train``, ``launch``, ``status``, ``record``, ``generate``, ``evaluate``, ``analyze`` (each is also ``python -m irm_hpc.<stage>``).
+Stages: ``train``, ``launch``, ``status``, ``record``, ``generate``, ``evaluate``, ``ablate``, ``analyze`` (each is also ``python -m irm_hpc.<stage>``).
 ``irm-hpc`` is also ``python -m irm_hpc`` or ``python -m irm_hpc.cli``. ``train`` and ``launch`` take
 ``--config-dir DIR`` (user presets, see ``irm_hpc.config.search_path``).
 """
@@ -13,7 +13,7 @@ from typing import Optional
 
 STAGES = {"train": "irm_hpc.train", "launch": "irm_hpc.launch", "status": "irm_hpc.status",
           "record": "irm_hpc.record", "generate": "irm_hpc.generate", "evaluate": "irm_hpc.evaluate",
-          "analyze": "irm_hpc.analysis.cli"}
+          "ablate": "irm_hpc.ablate", "analyze": "irm_hpc.analysis.cli"}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

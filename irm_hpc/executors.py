@@ -36,9 +36,10 @@ import submitit
 from omegaconf import DictConfig
 
 from irm_hpc.errors import ConfigError, IrmError, one_line
-from irm_hpc.jobs import AnalysisMapTask, AnalysisReduceTask, EvaluateTask, LocalSweep, TrainTask, local_executor
-from irm_hpc.layout import SweepDir
-from irm_hpc.manifest import Manifest, ManifestError, Task, analysis_params, evaluation_section
+from irm_hpc.jobs import (AblateTask, AnalysisMapTask, AnalysisReduceTask, EvaluateTask, LocalSweep, TrainTask,
+                          local_executor)
+from irm_hpc.layout import ANALYSIS_SUMMARY, SweepDir
+from irm_hpc.manifest import Manifest, ManifestError, Task, ablation_section, analysis_params, evaluation_section
 
 # Slurm job states (sacct/squeue names).
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -282,6 +283,7 @@ class SlurmSweepExecutor(SweepExecutor):
         self.parameters(f"irm-eval-{sweep_name}", n_tasks, "afterany:1", evaluation=True)
         self.parameters(f"irm-map-{sweep_name}", n_tasks, "afterany:1", analysis=True)
         self.parameters(f"irm-reduce-{sweep_name}", 1, "afterany:1", analysis=True)
+        self.parameters(f"irm-ablate-{sweep_name}", n_tasks, "afterany:1", evaluation=True)
 
     def _executor(self, folder: Path, name: str, n_tasks: int = 1, dependency: Optional[str] = None,
                   analysis: bool = False, evaluation: bool = False) -> submitit.SlurmExecutor:
@@ -333,7 +335,34 @@ class SlurmSweepExecutor(SweepExecutor):
             ids["eval"] = after = eval_id
         map_id, reduce_job = self._submit_analysis(manifest, f"afterany:{after}")
         manifest.analysis_job_ids = [*([eval_id] if eval_id else []), map_id, reduce_job.job_id]
-        return Submission({**ids, "map": map_id, "reduce": reduce_job.job_id}, reduce_job)
+        ids.update(map=map_id, reduce=reduce_job.job_id)
+        ablation = self._submit_ablation(manifest, reduce_job.job_id)
+        if ablation:
+            ablate_id, final = ablation
+            manifest.analysis_job_ids += [ablate_id, final.job_id]
+            ids.update(ablate=ablate_id, reduce_after_ablation=final.job_id)
+            reduce_job = final
+        return Submission(ids, reduce_job)
+
+    def _submit_ablation(self, manifest: Manifest, reduce_id: str) -> Optional[tuple[str, submitit.Job]]:
+        """The ablation array (``afterany`` the reduce: it reads the consensus indices from the analysis
+        summary) and a second reduce after it, which pools the ablations into the summary and report; None
+        when ``sweep.ablation.enabled`` is false."""
+        section = ablation_section(manifest)
+        if not section.get("enabled"):
+            return None
+        sweep = SweepDir(manifest.sweep_dir)
+        chunks = map_chunks([str(manifest.task_dir(t)) for t in manifest.tasks], int(section.get("runs_per_task", 1)),
+                            "sweep.ablation.runs_per_task")
+        ex = self._executor(sweep.ablation_logs, f"irm-ablate-{manifest.sweep}", len(chunks), f"afterany:{reduce_id}",
+                            evaluation=True)
+        summary = str(sweep.analysis / ANALYSIS_SUMMARY)
+        with ex.batch():
+            jobs = [ex.submit(AblateTask(chunk, section, summary)) for chunk in chunks]
+        ablate_id = jobs[0].job_id.split("_")[0]
+        ex = self._executor(sweep.analysis_logs, f"irm-reduce-{manifest.sweep}", 1, f"afterany:{ablate_id}",
+                            analysis=True)
+        return ablate_id, ex.submit(AnalysisReduceTask(str(sweep.analysis), analysis_params(manifest)))
 
     def _submit_evaluation(self, manifest: Manifest, dependency: str) -> Optional[str]:
         """The evaluation array over all the sweep's runs (finished ones are evaluated, evaluated ones

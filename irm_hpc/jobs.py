@@ -22,7 +22,7 @@ from typing import Optional
 import submitit
 
 from irm_hpc.errors import one_line
-from irm_hpc.layout import RunDir, SweepDir, check_private
+from irm_hpc.layout import ANALYSIS_SUMMARY, RunDir, SweepDir, check_private
 
 
 def _export_dist_env() -> None:
@@ -84,6 +84,27 @@ class EvaluateTask:
         return evaluate_runs(self.run_dirs, EvalParams.from_config(self.section))  # checked at launch already
 
 
+class AblateTask:
+    """Ablate the consensus striation indices in finished runs one after another
+    (``irm_hpc.ablate.ablate_runs``), the indices read from ``analysis_summary`` when the task starts.
+
+    Returns one entry per run (its ablation summary file, or ``None``); an analysis without a consensus
+    index is reported on stdout and gives ``[]`` (the reduce after it goes on)."""
+
+    def __init__(self, run_dirs: list[str], section: dict, analysis_summary: str):
+        self.run_dirs, self.section, self.analysis_summary = [str(d) for d in run_dirs], dict(section), str(analysis_summary)
+
+    def __call__(self) -> list[Optional[str]]:
+        from irm_hpc.ablate import AblationError, AblationParams, ablate_runs
+
+        try:
+            return ablate_runs(self.run_dirs, AblationParams.from_config(self.section),
+                               analysis_summary=self.analysis_summary)
+        except AblationError as exc:
+            print(f"nothing ablated: {one_line(exc)}")
+            return []
+
+
 class AnalysisMapTask:
     """Reduce each run's HDF5 stream to profiles (``irm_hpc.analysis.map_run``), one run after another.
 
@@ -142,7 +163,8 @@ class LocalSweep:
         self.sweep_dir = str(sweep_dir)
 
     def __call__(self) -> dict:
-        from irm_hpc.manifest import analysis_params, evaluation_section, load_manifest, record_submission
+        from irm_hpc.manifest import (ablation_section, analysis_params, evaluation_section, load_manifest,
+                                      record_submission)
 
         sweep = SweepDir(self.sweep_dir)
         check_private(sweep.root, contents=True)
@@ -167,4 +189,13 @@ class LocalSweep:
                 print(f"evaluation failed: {one_line(exc, with_type=True)}")
         params = analysis_params(manifest)
         AnalysisMapTask([str(manifest.task_dir(t)) for t in manifest.tasks], str(sweep.analysis), params)()
-        return AnalysisReduceTask(str(sweep.analysis), params)()
+        summary = AnalysisReduceTask(str(sweep.analysis), params)()
+        ablation = ablation_section(manifest)
+        if ablation.get("enabled"):
+            try:
+                AblateTask([str(manifest.task_dir(t)) for t in manifest.tasks], ablation,
+                           str(sweep.analysis / ANALYSIS_SUMMARY))()
+            except Exception as exc:  # noqa: BLE001 - the analysis stands without the ablation
+                print(f"ablation failed: {one_line(exc, with_type=True)}")
+            summary = AnalysisReduceTask(str(sweep.analysis), params)()
+        return summary

@@ -136,6 +136,11 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> Optional[tuple[Man
             cfg.sweep.evaluation.prompts = str(Path(cfg.sweep.evaluation.prompts).expanduser().resolve())
         EvalParams.from_config(cfg.sweep.evaluation)
         map_chunks([t.task_id for t in tasks], int(cfg.sweep.evaluation.runs_per_task), "sweep.evaluation.runs_per_task")
+    if cfg.sweep.ablation.enabled:
+        from irm_hpc.ablate import AblationParams
+
+        AblationParams.from_config(cfg.sweep.ablation)
+        map_chunks([t.task_id for t in tasks], int(cfg.sweep.ablation.runs_per_task), "sweep.ablation.runs_per_task")
     if args.dry_run:
         print_plan(cfg, tasks, kind)
         folder = SweepDir(Path(cfg.runs_root).resolve() / f"{cfg.sweep.name}-<timestamp>").train_logs

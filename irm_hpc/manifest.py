@@ -120,13 +120,18 @@ def analysis_params(manifest: Manifest) -> list[str]:
     return list(OmegaConf.select(manifest.launch_config(), "sweep.analysis", default=[]) or [])
 
 
-def evaluation_section(manifest: Manifest) -> dict:
-    """The sweep's ``sweep.evaluation`` settings as a plain dict (``{}`` for a sweep launched before the
-    evaluation stage existed: it has none, so it is not evaluated)."""
-    node = OmegaConf.select(manifest.launch_config(), "sweep.evaluation", default=None)
+def evaluation_section(manifest: Manifest, stage: str = "evaluation") -> dict:
+    """The sweep's ``sweep.evaluation`` (or ``sweep.<stage>``) settings as a plain dict (``{}`` for a sweep
+    launched before that stage existed: it has none, so the stage does not run)."""
+    node = OmegaConf.select(manifest.launch_config(), f"sweep.{stage}", default=None)
     if node is None:
         return {}
     return dict(OmegaConf.to_container(node, resolve=False)) if isinstance(node, DictConfig) else {}
+
+
+def ablation_section(manifest: Manifest) -> dict:
+    """The sweep's ``sweep.ablation`` settings as a plain dict (``{}``: not ablated)."""
+    return evaluation_section(manifest, "ablation")
 
 
 def load_manifest(sweep_dir: str | Path) -> Manifest:

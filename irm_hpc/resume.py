@@ -42,7 +42,7 @@ def resume(sweep_dir: str, dry_run: bool) -> Optional[tuple[object, Submission]]
     restrict_umask()
     sweep = SweepDir(sweep_dir)
     check_private(sweep.root, contents=True)
-    for logs in (sweep.logs, sweep.train_logs, sweep.evaluation_logs, sweep.analysis_logs, sweep.driver_logs):
+    for logs in (sweep.logs, sweep.train_logs, sweep.evaluation_logs, sweep.ablation_logs, sweep.analysis_logs, sweep.driver_logs):
         check_private(logs, contents=True)
     add_config_dirs(first.config_dirs)
     for_manifest(first)  # so does a manifest whose executor or cluster section is unusable

@@ -30,14 +30,15 @@ def _ts(s: str) -> datetime:
     return datetime.fromisoformat(s)
 
 
-def test_smoke_sweep_array_then_evaluation_then_analysis(tmp_path):
-    sweep = _launch(tmp_path, "sweep.evaluation.enabled=true", "sweep.evaluation.runs_per_task=2")
+def test_smoke_sweep_array_then_evaluation_then_analysis_then_ablation(tmp_path):
+    sweep = _launch(tmp_path, "sweep.evaluation.enabled=true", "sweep.evaluation.runs_per_task=2",
+                    "sweep.ablation.enabled=true", "sweep.ablation.runs_per_task=2")
     m = load_manifest(sweep)
     assert len(m.tasks) == 4 and len({t.job_id.split("_")[0] for t in m.tasks}) == 1, "one job array"
     ids = [m.train_job_ids[0], *m.analysis_job_ids]
     wait_for(lambda: queue_empty(ids), 600, "the smoke sweep and its analysis to leave the queue", poll_s=2)
     rows = sacct_final(ids)
-    eval_id, map_id, reduce_id = m.analysis_job_ids
+    eval_id, map_id, reduce_id, ablate_id, reduce2_id = m.analysis_job_ids
     train = {k: v for k, v in rows.items() if k.startswith(m.train_job_ids[0] + "_")}
     evals = {k: v for k, v in rows.items() if k.startswith(eval_id + "_")}
     maps = {k: v for k, v in rows.items() if k.startswith(map_id + "_")}
@@ -50,6 +51,17 @@ def test_smoke_sweep_array_then_evaluation_then_analysis(tmp_path):
     assert min(_ts(v["Start"]) for v in evals.values()) >= last_train_end, "evaluation started before training ended"
     assert min(_ts(v["Start"]) for v in maps.values()) >= max(_ts(v["End"]) for v in evals.values())
     assert _ts(reduce_row["Start"]) >= max(_ts(v["End"]) for v in maps.values())
+    # the ablation array (2 runs per task) after the reduce, then the reduce again
+    ablates = {k: v for k, v in rows.items() if k.startswith(ablate_id + "_")}
+    assert len(ablates) == 2 and all(v["State"] == "COMPLETED" for v in ablates.values()), ablates
+    assert min(_ts(v["Start"]) for v in ablates.values()) >= _ts(reduce_row["End"])
+    assert rows[reduce2_id]["State"] == "COMPLETED" and _ts(rows[reduce2_id]["Start"]) >= max(
+        _ts(v["End"]) for v in ablates.values())
+    final = json.loads((sweep / "analysis" / "summary.json").read_text())
+    consensus = [e["index"] for e in final["consensus"]["indices"]][:2]
+    assert final["ablation"]["available"] == bool(consensus)  # ablated exactly when there was a consensus
+    if consensus:
+        assert sorted(final["ablation"]["indices"]) == sorted(str(i) for i in consensus)
     ev = json.loads((sweep / "analysis" / "summary.json").read_text())["evaluation"]
     assert ev["available"] and ev["n_runs_evaluated"] == 4 and sorted(ev["per_alignment"]) == ["anger", "joy"]
     for task in m.tasks:
