@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from irm_hpc.config import AblationConfig, typed_section
-from irm_hpc.errors import ConfigError, IrmError, cli_errors, one_line
+from irm_hpc.errors import ConfigError, IrmError, cli_errors
 from irm_hpc.inject import inject
 from irm_hpc.layout import RunDir, SweepDir, atomic_write_json
 
@@ -400,34 +400,18 @@ def ablate_runs(run_dirs: Sequence[str], params: AblationParams, indices: Option
                 analysis_summary: Optional[str] = None) -> list[Optional[str]]:
     """Ablate each finished run in turn (an ablation array task). ``indices``: given, or the consensus
     indices of ``analysis_summary`` (read when the task starts: the analysis ran before it). A run that
-    cannot be ablated is reported on stdout and skipped (``None``)."""
-    from irm_hpc.dist import intra_op_threads
+    cannot be ablated is reported on stdout and skipped (``None``; ``evaluate.for_each_finished_run``)."""
+    from irm_hpc.evaluate import for_each_finished_run
 
-    threads = intra_op_threads(None)
-    if threads:
-        torch.set_num_threads(threads)
     if indices is None:
         indices = consensus_indices(Path(str(analysis_summary)), params.max_indices)
-    out: list[Optional[str]] = []
-    models: dict = {}
-    judges: dict = {}
-    for d in run_dirs:
-        if not RunDir(d).is_done():
-            print(f"skipped {d}: training did not finish (no DONE)")
-            out.append(None)
-            continue
-        try:
-            s = ablate_run(d, indices, params, models=models, judges=judges)
-            parts = ", ".join(f"{i}: delta {e['delta_gain']:+.4f} p {e['p']:.3f}" for i, e in s["indices"].items())
-            print(f"ablated {d}: gain {s['gain']:+.4f}; {parts}")
-            out.append(str(RunDir(d).ablation_summary))
-        except IrmError as exc:
-            print(f"skipped {d}: {one_line(exc)}")
-            out.append(None)
-        except Exception as exc:  # noqa: BLE001 - one run (e.g. CUDA out of memory) must not stop the others
-            print(f"skipped {d}: {one_line(exc, with_type=True)}")
-            out.append(None)
-    return out
+
+    def work(d: str, models: dict, judges: dict) -> tuple[Path, str]:
+        s = ablate_run(d, indices, params, models=models, judges=judges)
+        parts = ", ".join(f"{i}: delta {e['delta_gain']:+.4f} p {e['p']:.3f}" for i, e in s["indices"].items())
+        return RunDir(d).ablation_summary, f"ablated {d}: gain {s['gain']:+.4f}; {parts}"
+
+    return for_each_finished_run(run_dirs, work)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -31,7 +31,8 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -360,20 +361,21 @@ def evaluate_run(run_dir, params: Optional[EvalParams] = None, *, force: bool = 
     return summary
 
 
-def evaluate_runs(run_dirs: Sequence[str], params: EvalParams) -> list[Optional[str]]:
-    """Evaluate each finished run in turn (an evaluation array task). A run that cannot be evaluated is
-    reported on stdout and skipped (``None``); the others go on. Torch uses as many intra-op threads as
-    Slurm gave the task CPUs (``dist.intra_op_threads``), as training does: two array tasks on one node
-    must not each start a thread per core."""
+def for_each_finished_run(run_dirs: Sequence[str],
+                          work: Callable[[str, dict, dict], tuple[Path, str]]) -> list[Optional[str]]:
+    """Run ``work(run_dir, models, judges)`` on each finished run in turn (one array task of the evaluation
+    or ablation stage); ``work`` returns (summary file, a line for stdout). A run without ``DONE``, or
+    whose work raises, is reported on stdout and skipped (``None``); the others go on. ``models`` /
+    ``judges``: caches shared by the task's runs (one frozen base model, one judge). Torch uses as many
+    intra-op threads as Slurm gave the task CPUs (``dist.intra_op_threads``), as training does: two array
+    tasks on one node must not each start a thread per core."""
     from irm_hpc.dist import intra_op_threads
-    from irm_hpc.generate import GenerationError
 
     threads = intra_op_threads(None)
     if threads:
         torch.set_num_threads(threads)
-
     out: list[Optional[str]] = []
-    models: dict = {}  # one frozen base model and one judge for all runs of this task
+    models: dict = {}
     judges: dict = {}
     for d in run_dirs:
         if not RunDir(d).is_done():
@@ -381,17 +383,28 @@ def evaluate_runs(run_dirs: Sequence[str], params: EvalParams) -> list[Optional[
             out.append(None)
             continue
         try:
-            s = evaluate_run(d, params, models=models, judges=judges)
-            print(f"evaluated {d}: rate off {s['rate_off']:.3f} on {s['rate_on']:.3f} "
-                  f"diff {s['rate_diff']:+.3f} CI [{s['rate_diff_ci'][0]:+.3f}, {s['rate_diff_ci'][1]:+.3f}]")
-            out.append(str(RunDir(d).evaluation_summary))
-        except (GenerationError, EvaluationError, IrmError) as exc:
+            path, line = work(d, models, judges)
+            print(line)
+            out.append(str(path))
+        except IrmError as exc:
             print(f"skipped {d}: {one_line(exc)}")
             out.append(None)
         except Exception as exc:  # noqa: BLE001 - one run (e.g. CUDA out of memory) must not stop the others
             print(f"skipped {d}: {one_line(exc, with_type=True)}")
             out.append(None)
     return out
+
+
+def evaluate_runs(run_dirs: Sequence[str], params: EvalParams) -> list[Optional[str]]:
+    """Evaluate each finished run in turn (an evaluation array task; see :func:`for_each_finished_run`)."""
+
+    def work(d: str, models: dict, judges: dict) -> tuple[Path, str]:
+        s = evaluate_run(d, params, models=models, judges=judges)
+        return RunDir(d).evaluation_summary, (
+            f"evaluated {d}: rate off {s['rate_off']:.3f} on {s['rate_on']:.3f} "
+            f"diff {s['rate_diff']:+.3f} CI [{s['rate_diff_ci'][0]:+.3f}, {s['rate_diff_ci'][1]:+.3f}]")
+
+    return for_each_finished_run(run_dirs, work)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -36,6 +36,34 @@ def tsv_data(tmp_path) -> Path:
     return make_tsv(tmp_path / "align.tsv")
 
 
+def tiny_lm_and_irm():
+    """The tiny random model, its tokenizer and an IRM on layers 0-3 whose last layer is scaled x50 (a
+    visible effect on generations and losses)."""
+    import torch
+
+    from irm_hpc.config import load_config
+    from irm_hpc.irm import IRM
+    from irm_hpc.models import load_model
+
+    cfg = load_config("train", ["model=tiny_random", "out_dir=/tmp/unused"])
+    lm, tok = load_model(cfg.model, torch.device("cpu"))
+    torch.manual_seed(0)
+    irm = IRM(lm.config.hidden_size, [0, 1, 2, 3], width_multiplier=2, depth=1)
+    with torch.no_grad():
+        irm.net[-1].weight.mul_(50.0)
+    return lm, tok, irm
+
+
+def train_tiny_run(out_dir: Path) -> Path:
+    """A finished 3-step tiny-random-model run on the packaged GoEmotions data (the judge fits its train
+    split and is scored on its test split) in ``out_dir``; asserts the training exited 0."""
+    res = run_module("irm_hpc.train", ["model=tiny_random", "train=smoke", "data.max_length=24",
+                                       "data.max_train_texts=200", "train.max_steps=3", f"out_dir={out_dir}"],
+                     timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out_dir
+
+
 def tiny_overrides(data: Path, out_dir: Path, *extra: str) -> list[str]:
     """Hydra overrides for a few-step tiny_random run on ``data``."""
     return ["model=tiny_random", "train=smoke", f"data.path={data}", "data.format=tsv", "data.max_length=24",

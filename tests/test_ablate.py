@@ -10,29 +10,21 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import run_module
+from conftest import run_module, tiny_lm_and_irm, train_tiny_run
 from irm_hpc.ablate import (AblationParams, FixedInjection, LossBench, ablate_run, layer_groups, matched_null)
 from irm_hpc.analysis import ablation as pooled
 from irm_hpc.analysis.mechanism import gain_ranks, logit_lens, mechanism, norm_gains
-from irm_hpc.config import load_config
 from irm_hpc.errors import ConfigError
 from irm_hpc.inject import count_hooks, inject
 from irm_hpc.irm import IRM
-from irm_hpc.models import load_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = load_config("train", ["model=tiny_random", "out_dir=/tmp/unused"])
-    lm, tok = load_model(cfg.model, torch.device("cpu"))
-    torch.manual_seed(0)
-    irm = IRM(lm.config.hidden_size, [0, 1, 2, 3], width_multiplier=2, depth=1)
-    with torch.no_grad():
-        irm.net[-1].weight.mul_(50.0)
-    return lm, tok, irm
+    return tiny_lm_and_irm()
 
 
-def _logits(lm, ids, **kw):
+def _logits(lm, ids):
     with torch.no_grad():
         return lm(input_ids=ids).logits
 
@@ -49,7 +41,6 @@ def test_drop_layers_leaves_out_exactly_those_layers(tiny):
     with inject(lm, irm, drop_layers=[3]) as inj:
         dropped = _logits(lm, ids)
         assert inj.drop_layers == frozenset({3})
-    ref_irm = FixedInjection(torch.zeros(1), [0, 1, 2, 3])
     with inject(lm, irm, keep_injections=True) as inj:
         lm(input_ids=ids)
         v = inj.last_injection.detach().clone()
@@ -123,12 +114,7 @@ def test_params_are_checked():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("abl")
-    res = run_module("irm_hpc.train", ["model=tiny_random", "train=smoke", "data.max_length=24",
-                                       "data.max_train_texts=200", "train.max_steps=3", f"out_dir={d / 'run'}"],
-                     timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return d / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("abl") / "run")
 
 
 SMALL = dict(null_size=6, eval_texts=8, batch_size=8)

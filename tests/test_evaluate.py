@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tsv, run_module, tiny_overrides
+from conftest import make_tsv, run_module, tiny_overrides, train_tiny_run
 from irm_hpc.config import load_config
 from irm_hpc.evaluate import (EvalParams, bootstrap_diff, continuation_nll, distinct_n, evaluate_run,
                               mean_residuals)
@@ -103,14 +103,7 @@ SMALL = dict(n_samples=2, max_prompts=4, max_new_tokens=6, baseline_texts=16, bo
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A tiny-random-model run on the packaged GoEmotions data (the judge fits its train split and is
-    scored on its test split)."""
-    d = tmp_path_factory.mktemp("ev")
-    res = run_module("irm_hpc.train", ["model=tiny_random", "train=smoke", "data.max_length=24",
-                                       "data.max_train_texts=200", "train.max_steps=3", f"out_dir={d / 'run'}"],
-                     timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return d / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("ev") / "run")
 
 
 def test_run_on_data_without_test_split_fails_in_one_line(tmp_path):

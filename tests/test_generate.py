@@ -7,24 +7,15 @@ import json
 import pytest
 import torch
 
-from conftest import run_module, tiny_overrides
+from conftest import run_module, tiny_lm_and_irm, tiny_overrides
 from irm_hpc.components.engine import IRMLoss
-from irm_hpc.config import load_config
 from irm_hpc.generate import SamplingParams, generate, left_pad
 from irm_hpc.inject import SteeringVectors, count_hooks, inject
-from irm_hpc.irm import IRM
-from irm_hpc.models import load_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = load_config("train", ["model=tiny_random", "out_dir=/tmp/unused"])
-    lm, tok = load_model(cfg.model, torch.device("cpu"))
-    torch.manual_seed(0)
-    irm = IRM(lm.config.hidden_size, [0, 1, 2, 3], width_multiplier=2, depth=1)
-    with torch.no_grad():  # a visible effect: the last layer's weights scaled up
-        irm.net[-1].weight.mul_(50.0)
-    return lm, tok, irm
+    return tiny_lm_and_irm()
 
 
 PROMPTS = ["hello there", "the cat sat", "a", "what is the time now"]
